@@ -1,0 +1,1 @@
+"""rectflow: rectified-flow transformers (SD3)."""
