@@ -1,0 +1,611 @@
+"""Forward processes of the formulation study (PAPER.md sections 1, 2, 3 and 5).
+
+z_t = a_t x0 + b_t eps, t in [0, 1], t = 0 data, t = 1 noise. A Formulation combines
+  - a path (a_t, b_t): rectified flow, the LDM discrete variance-preserving schedule, cosine, or EDM's sigma(t);
+  - what the network predicts: the velocity eps - x0, eps, v = a eps - b x0, or EDM's preconditioned F;
+  - the density pi(t) training times are drawn from: uniform, logit-normal, mode, cosmap (PAPER 2);
+and a per-sample loss equal to -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2, so that its expectation over
+t ~ pi is the paper's objective L_w with weight w_t (PAPER 1). docs/formulations.md maps every name to its formulas.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import torch
+
+SIGMA_DATA = 0.5  # EDM's sigma_data: the 0.5^2 in the EDM weighting (PAPER 1)
+SIGMA_MAX = 80.0  # EDM's sigma(1) is infinite; sampling starts at Karras et al.'s sigma_max
+LDM_BETA_START, LDM_BETA_END, LDM_STEPS = 0.00085, 0.012, 1000  # the usual LDM values (PAPER 1)
+
+ACCEPTED = ("rf, rf/lognorm(m, s), rf/mode(s), rf/cosmap, eps/linear, v/linear, eps/cos, v/cos, "
+            "edm(Pm, Ps), edm/rf, edm/cos")
+
+
+def shift_time(t, alpha):
+    """Resolution-dependent shift t_m = alpha t / (1 + (alpha - 1) t) (PAPER 5)."""
+    if not alpha > 0:
+        raise ValueError(f"shift_time: alpha must be > 0, got {alpha}")
+    if alpha == 1:
+        return t
+    return alpha * t / (1 + (alpha - 1) * t)
+
+
+def _time(t) -> torch.Tensor:
+    """t as a tensor; python numbers become float64 scalars so solver coefficients keep full precision."""
+    return t if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
+
+
+def _expand(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A per-sample (shape [B]) or scalar coefficient, in z's dtype and shaped to broadcast over z."""
+    c = c.to(device=z.device, dtype=z.dtype)
+    return c.reshape(c.shape + (1,) * (z.ndim - c.ndim)) if c.ndim else c
+
+
+def _uniform(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """n uniform draws in float64 on the generator's device (same numbers whatever device they go to)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths: a_t, b_t, their derivatives and lambda_t = log(a^2 / b^2) (PAPER 1)
+
+
+class Path:
+    """z_t = a_t x0 + b_t eps; subclasses give a, b, da, db, from_rf_time (the t at which b/a equals rf's
+    t/(1-t), 1 past the path's lowest SNR) and override lambda where a closed form is more stable."""
+
+    t_max = 1.0  # largest t with finite coefficients
+
+    def lam(self, t):
+        """Log signal-to-noise ratio lambda_t = 2 log(a_t / b_t)."""
+        return 2 * (torch.log(self.a(t)) - torch.log(self.b(t)))
+
+    def dlam(self, t):
+        """lambda'_t = 2 (a'/a - b'/b)."""
+        return 2 * (self.da(t) / self.a(t) - self.db(t) / self.b(t))
+
+
+class RectifiedPath(Path):
+    """Rectified flow: a = 1 - t, b = t."""
+
+    def a(self, t):
+        return 1 - t
+
+    def b(self, t):
+        return t.clone()
+
+    def da(self, t):
+        return -torch.ones_like(t)
+
+    def db(self, t):
+        return torch.ones_like(t)
+
+    def lam(self, t):
+        return 2 * (torch.log1p(-t) - torch.log(t))
+
+    def dlam(self, t):
+        return -2 / (t * (1 - t))
+
+    def from_rf_time(self, t):
+        return t
+
+
+class CosinePath(Path):
+    """Cosine: a = cos(pi t / 2), b = sin(pi t / 2), written with sines so a(1) = 0 and b(1) = 1 exactly."""
+
+    def a(self, t):
+        return torch.sin(math.pi / 2 * (1 - t))
+
+    def b(self, t):
+        return torch.sin(math.pi / 2 * t)
+
+    def da(self, t):
+        return -math.pi / 2 * self.b(t)
+
+    def db(self, t):
+        return math.pi / 2 * self.a(t)
+
+    def dlam(self, t):
+        return -math.pi / (self.a(t) * self.b(t))  # -2 pi / sin(pi t)
+
+    def from_rf_time(self, t):
+        return 2 / math.pi * torch.atan2(t, 1 - t)  # tan(pi t_cos / 2) = t / (1 - t)
+
+
+@functools.lru_cache(maxsize=1)
+def ldm_log_alphabar() -> torch.Tensor:
+    """log alphabar at t = j / T, j = 0..T: 0 (data) then the LDM discrete steps 0..T-1 (float64)."""
+    i = torch.arange(LDM_STEPS, dtype=torch.float64)
+    root = math.sqrt(LDM_BETA_START) + i / (LDM_STEPS - 1) * (math.sqrt(LDM_BETA_END) - math.sqrt(LDM_BETA_START))
+    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-root**2), 0)])
+
+
+class LinearVPPath(Path):
+    """LDM's discrete schedule made continuous: discrete step i sits at t = (i + 1) / T, t = 0 is clean data,
+    log alphabar is linear in t between these nodes; a = sqrt(alphabar), b = sqrt(1 - alphabar)."""
+
+    def _log_alphabar(self, t):
+        """(log alphabar(t), its slope in t) from the piecewise-linear interpolation of the nodes."""
+        nodes = ldm_log_alphabar().to(t.device)
+        x = t.to(torch.float64) * LDM_STEPS
+        j = x.floor().clamp(0, LDM_STEPS - 1).long()
+        slope = nodes[j + 1] - nodes[j]
+        return (nodes[j] + (x - j) * slope).to(t.dtype), (slope * LDM_STEPS).to(t.dtype)
+
+    def a(self, t):
+        return torch.exp(self._log_alphabar(t)[0] / 2)
+
+    def b(self, t):
+        return torch.sqrt(-torch.expm1(self._log_alphabar(t)[0])).abs()  # abs: +0, not -0, at t = 0
+
+    def da(self, t):
+        log_ab, k = self._log_alphabar(t)
+        return 0.5 * k * torch.exp(log_ab / 2)
+
+    def db(self, t):
+        log_ab, k = self._log_alphabar(t)
+        return -0.5 * k * torch.exp(log_ab) / torch.sqrt(-torch.expm1(log_ab))
+
+    def lam(self, t):
+        log_ab = self._log_alphabar(t)[0]
+        return log_ab - torch.log(-torch.expm1(log_ab))
+
+    def dlam(self, t):
+        log_ab, k = self._log_alphabar(t)
+        return k / -torch.expm1(log_ab)
+
+    def from_rf_time(self, t):
+        # alphabar = a^2 / (a^2 + b^2) at rf's ratio b/a = t/(1-t); past the last node (SNR below LDM's) -> t = 1
+        t64 = t.to(torch.float64)
+        log_ab = 2 * torch.log1p(-t64) - torch.log((1 - t64) ** 2 + t64**2)
+        nodes = ldm_log_alphabar().to(t.device)
+        j = (torch.searchsorted(-nodes, -log_ab, right=True) - 1).clamp(0, LDM_STEPS - 1)
+        frac = ((log_ab - nodes[j]) / (nodes[j + 1] - nodes[j])).clamp(max=1)
+        return ((j + frac) / LDM_STEPS).to(t.dtype)
+
+
+class EDMPath(Path):
+    """EDM (PAPER 1): a = 1, b = sigma(t); subclasses give log sigma, sigma' and lambda' = -2 sigma'/sigma."""
+
+    def a(self, t):
+        return torch.ones_like(t)
+
+    def da(self, t):
+        return torch.zeros_like(t)
+
+    def b(self, t):
+        return torch.exp(self.log_sigma(t))
+
+    def lam(self, t):
+        return -2 * self.log_sigma(t)
+
+
+class LogNormalSigma(EDMPath):
+    """edm(Pm, Ps): log sigma = Pm + Ps Phi^-1(t), so lambda ~ N(-2 Pm, (2 Ps)^2) for t ~ U(0, 1)."""
+
+    def __init__(self, p_mean: float, p_std: float):
+        self.p_mean, self.p_std = p_mean, p_std
+        # Phi rounds to 1 in float64 above ~8.3 standard deviations: stop at the last double below 1 then
+        self.t_max = min(float(torch.special.ndtr(torch.tensor((math.log(SIGMA_MAX) - p_mean) / p_std,
+                                                              dtype=torch.float64))), 1 - 2**-53)
+
+    def log_sigma(self, t):
+        return self.p_mean + self.p_std * torch.special.ndtri(t)
+
+    def dlam(self, t):
+        u = torch.special.ndtri(t)
+        return -2 * self.p_std * math.sqrt(2 * math.pi) * torch.exp(u**2 / 2)  # -2 Ps / phi(u)
+
+    def from_rf_time(self, t):
+        return torch.special.ndtr((torch.log(t) - torch.log1p(-t) - self.p_mean) / self.p_std)
+
+    def db(self, t):
+        return -self.b(t) * self.dlam(t) / 2
+
+
+class RFSigma(EDMPath):
+    """edm/rf: sigma = t / (1 - t), the noise-to-signal ratio of rf, so lambda_t equals rf's at every t."""
+
+    t_max = SIGMA_MAX / (1 + SIGMA_MAX)
+
+    def log_sigma(self, t):
+        return torch.log(t) - torch.log1p(-t)
+
+    def db(self, t):
+        return 1 / (1 - t) ** 2
+
+    def dlam(self, t):
+        return -2 / (t * (1 - t))
+
+    def from_rf_time(self, t):
+        return t
+
+
+class CosSigma(EDMPath):
+    """edm/cos: sigma = tan(pi t / 2), the noise-to-signal ratio of cos, so lambda_t equals cos's at every t."""
+
+    t_max = 2 / math.pi * math.atan(SIGMA_MAX)
+
+    def log_sigma(self, t):
+        return torch.log(torch.sin(math.pi / 2 * t)) - torch.log(torch.sin(math.pi / 2 * (1 - t)))
+
+    def db(self, t):
+        return math.pi / 2 / torch.sin(math.pi / 2 * (1 - t)) ** 2
+
+    def dlam(self, t):
+        return -math.pi / (torch.sin(math.pi / 2 * t) * torch.sin(math.pi / 2 * (1 - t)))
+
+    def from_rf_time(self, t):
+        return 2 / math.pi * torch.atan2(t, 1 - t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training-time samplers pi(t) of rectified flow (PAPER 2)
+
+
+class Uniform:
+    """t ~ U(0, 1)."""
+
+    def draw(self, n, generator):
+        return _uniform(n, generator)
+
+    def density(self, t):
+        return torch.ones_like(t)
+
+
+class LogitNormal:
+    """lognorm(m, s): t = sigmoid(u), u ~ N(m, s)."""
+
+    def __init__(self, m: float, s: float):
+        self.m, self.s = m, s
+
+    def draw(self, n, generator):
+        device = generator.device if generator is not None else "cpu"
+        u = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
+        return torch.sigmoid(self.m + self.s * u)
+
+    def density(self, t):
+        logit = torch.log(t) - torch.log1p(-t)
+        return torch.exp(-((logit - self.m) ** 2) / (2 * self.s**2)) / (self.s * math.sqrt(2 * math.pi) * t * (1 - t))
+
+
+class ModeSampler:
+    """mode(s): t = f_mode(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1); decreasing for -1 <= s <= 1.75."""
+
+    def __init__(self, s: float):
+        self.s = s
+
+    def f(self, u):
+        return 1 - u - self.s * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+
+    def df(self, u):
+        return -1 - self.s * (1 - math.pi / 2 * torch.sin(math.pi * u))
+
+    def draw(self, n, generator):
+        return self.f(_uniform(n, generator))
+
+    def inverse(self, t):
+        """u with f_mode(u) = t, by bisection (f_mode is decreasing from 1 to 0)."""
+        lo, hi = torch.zeros_like(t), torch.ones_like(t)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            above = self.f(mid) > t  # still above t: the root lies to the right
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return (lo + hi) / 2
+
+    def density(self, t):
+        return 1 / self.df(self.inverse(t)).abs()
+
+
+class CosMap:
+    """cosmap: t = 1 - 1 / (tan(pi u / 2) + 1), u ~ U(0, 1): rf's log-SNR then follows cos's."""
+
+    def draw(self, n, generator):
+        return 1 - 1 / (torch.tan(math.pi / 2 * _uniform(n, generator)) + 1)
+
+    def density(self, t):
+        return 2 / (math.pi * (1 - 2 * t + 2 * t**2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weightings w_t of PAPER 1 (with t ~ U(0, 1)); rf variants fold their sampler density in (PAPER 2)
+
+
+def _w_rf(f, t):
+    return t / (1 - t) * f.sampler.density(t)
+
+
+def _w_eps_linear(f, t):
+    return -2 / f.dlam(t)  # plain eps MSE
+
+
+def _w_v_linear(f, t):
+    return -2 / (f.a(t) ** 2 * f.dlam(t))  # plain v MSE
+
+
+def _w_eps_cos(f, t):
+    return 1 / torch.cosh(f.lam(t) / 2)
+
+
+def _w_v_cos(f, t):
+    return torch.exp(-f.lam(t) / 2)
+
+
+def _w_edm(f, t):
+    # the log-SNR density of t ~ U(0,1) (N(lambda; -2Pm, (2Ps)^2) for edm(Pm, Ps)) times (e^-lambda + sigma_data^2)
+    return -1 / f.dlam(t) * (torch.exp(-f.lam(t)) + SIGMA_DATA**2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Formulation:
+    """One variant of the formulation study: path, prediction target, t sampler and loss weighting (PAPER 1-3)."""
+
+    def __init__(self, name, path, prediction, sampler, weight, loss_scale, t_max=None):
+        self.name = name
+        self.path = path
+        self.prediction = prediction  # "velocity" | "eps" | "v" | "edm"
+        self.sampler = sampler
+        self._weight = weight
+        self.loss_scale = loss_scale  # -1/2 (w/pi) lambda' (d eps_hat / d net_out)^2, constant in t
+        self.t_max = path.t_max if t_max is None else t_max
+        self.t_min = 0.0
+
+    def __repr__(self):
+        return f"Formulation({self.name!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, Formulation) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+    @classmethod
+    def from_name(cls, name: str) -> Formulation:
+        """Parse a name as Table 1 prints it, spaces optional, e.g. "rf/lognorm(0.00, 1.00)" or "edm(0, 0.6)"."""
+        return _parse(name)
+
+    # -- the path
+    def a(self, t):
+        return self.path.a(_time(t))
+
+    def b(self, t):
+        return self.path.b(_time(t))
+
+    def da(self, t):
+        return self.path.da(_time(t))
+
+    def db(self, t):
+        return self.path.db(_time(t))
+
+    def lam(self, t):
+        return self.path.lam(_time(t))
+
+    def dlam(self, t):
+        return self.path.dlam(_time(t))
+
+    def from_rf_time(self, t):
+        """The t of this formulation with the same log-SNR as rf at t (how sampling grids carry over)."""
+        return self.path.from_rf_time(_time(t))
+
+    def w(self, t):
+        """The paper's weight w_t of L_w with t ~ U(0, 1) (PAPER 1 table; rf variants: t/(1-t) pi(t), PAPER 2)."""
+        return self._weight(self, _time(t))
+
+    def t_density(self, t):
+        """Density pi(t) that sample_t draws from before any shift."""
+        return self.sampler.density(_time(t))
+
+    # -- training
+    def sample_t(self, n, generator=None, device=None, shift=1.0, dtype=None) -> torch.Tensor:
+        """n training times from pi(t), shifted by shift_time, kept inside the open interval (0, 1)."""
+        dtype = dtype or torch.get_default_dtype()
+        eps = torch.finfo(dtype).eps
+        t = shift_time(self.sampler.draw(n, generator), shift).to(dtype).clamp(eps, 1 - eps)
+        return t.to(device) if device is not None else t
+
+    def _edm_cd(self, t, like):
+        """EDM's c = sigma / sqrt(sigma^2 + sd^2) and d = sd / sqrt(sigma^2 + sd^2), finite for sigma in [0, inf]."""
+        sigma = self.b(t)
+        c = 1 / torch.sqrt(1 + (SIGMA_DATA / sigma) ** 2)
+        d = SIGMA_DATA / torch.sqrt(sigma**2 + SIGMA_DATA**2)
+        return _expand(c, like), _expand(d, like)
+
+    def target(self, x0, eps, t):
+        """The exact network output for z_t = a_t x0 + b_t eps."""
+        t = _time(t)
+        if self.prediction == "velocity":
+            return eps - x0
+        if self.prediction == "eps":
+            return eps
+        if self.prediction == "v":
+            return _expand(self.a(t), x0) * eps - _expand(self.b(t), x0) * x0
+        c, d = self._edm_cd(t, x0)
+        return c * x0 / SIGMA_DATA - d * eps  # F = (x0 - c_skip z) / c_out
+
+    def network_input(self, z, t):
+        """(z_in, t_in) the network sees: identity, except EDM's c_in z and t_in = sigma / (1 + sigma)."""
+        t = _time(t)
+        t_in = t.expand(z.shape[0]) if t.ndim == 0 else t
+        t_dtype = torch.promote_types(z.dtype, torch.float32)  # bf16 would blur t by ~0.4%
+        if self.prediction != "edm":
+            return z, t_in.to(device=z.device, dtype=t_dtype)
+        sigma = self.b(t_in)
+        _, d = self._edm_cd(t, z)
+        # rf's time at the same SNR: a monotone map of sigma onto [0, 1] that float32 resolves up to sigma_max
+        return z * d / SIGMA_DATA, (1 / (1 + 1 / sigma)).to(device=z.device, dtype=t_dtype)
+
+    def denoise(self, net_out, z, t):
+        """(x0_hat, eps_hat) from the network output at z_t."""
+        t = _time(t)
+        if self.prediction == "edm":
+            c, d = self._edm_cd(t, z)
+            return d**2 * z + SIGMA_DATA * c * net_out, c * d / SIGMA_DATA * z - d * net_out
+        a, b = _expand(self.a(t), z), _expand(self.b(t), z)
+        if self.prediction == "velocity":  # rf path: a + b = 1
+            return z - b * net_out, z + a * net_out
+        if self.prediction == "eps":
+            return (z - b * net_out) / a, net_out
+        norm = a**2 + b**2  # 1 on variance-preserving paths
+        return (a * z - b * net_out) / norm, (b * z + a * net_out) / norm
+
+    def velocity(self, net_out, z, t):
+        """dz_t/dt = a'_t x0_hat + b'_t eps_hat (the raw output for rf)."""
+        if self.prediction == "velocity":
+            return net_out
+        x0, eps = self.denoise(net_out, z, t)
+        return _expand(self.da(_time(t)), z) * x0 + _expand(self.db(_time(t)), z) * eps
+
+    def rf_velocity(self, net_out, z, t):
+        """Velocity in the SNR-matched rectified-flow frame (z / (a + b) against b / (a + b)): eps_hat - x0_hat."""
+        if self.prediction == "velocity":
+            return net_out
+        x0, eps = self.denoise(net_out, z, t)
+        return eps - x0
+
+    def loss(self, net_out, x0, eps, t):
+        """Per-sample loss -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2 (mean over non-batch dims), PAPER 1."""
+        dtype = torch.promote_types(net_out.dtype, torch.float32)
+        err = net_out.to(dtype) - self.target(x0, eps, t).to(dtype)
+        return self.loss_scale * err.pow(2).flatten(1).mean(1)
+
+    def training_loss(self, model_fn, x0, t=None, eps=None, generator=None, shift=1.0):
+        """Draw t and eps where not given, noise x0, run model_fn(z_in, t_in) and return the per-sample loss."""
+        if t is None:
+            dtype = torch.promote_types(x0.dtype, torch.float32)
+            t = self.sample_t(x0.shape[0], generator=generator, device=x0.device, shift=shift, dtype=dtype)
+        elif shift != 1.0:
+            raise ValueError(f"training_loss: shift={shift} only applies to drawn t; shift the given t yourself")
+        if eps is None:
+            device = generator.device if generator is not None else x0.device
+            eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
+        t = _time(t).to(x0.device)
+        z = _expand(self.a(t), x0) * x0 + _expand(self.b(t), x0) * eps
+        net_out = model_fn(*self.network_input(z, t))
+        return self.loss(net_out, x0, eps, t)
+
+    # -- sampling
+    @property
+    def prior_scale(self) -> float:
+        """Std of z at t_max for zero-mean unit-variance data, sqrt(a^2 + b^2): 1 for rf and VP, ~sigma_max for EDM."""
+        t = torch.tensor(self.t_max, dtype=torch.float64)
+        return math.sqrt(float(self.a(t)) ** 2 + float(self.b(t)) ** 2)
+
+    def prior(self, shape, generator=None, device=None, dtype=None):
+        """z at t_max: standard normal noise times prior_scale."""
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype)
+        return noise.to(device) * self.prior_scale if device is not None else noise * self.prior_scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names (PAPER 3, Table 1)
+
+
+def _fmt(x: float) -> str:
+    """Table 1 prints parameters with 2 decimals; more digits only when 2 would change the value."""
+    s = f"{x:.2f}"
+    s = "0.00" if s == "-0.00" else s
+    return s if float(s) == x else repr(float(x))
+
+
+def _rf(name, sampler):
+    return Formulation(name, RectifiedPath(), "velocity", sampler, _w_rf, 1.0)
+
+
+def _edm(name, path):
+    return Formulation(name, path, "edm", Uniform(), _w_edm, SIGMA_DATA**2 / 2)
+
+
+def _eps_cos_t_max() -> float:
+    """eps-prediction cannot give x0 where a = 0: eps/cos starts at LDM's terminal SNR, a(t_max) = a_LDM(1)."""
+    return 2 / math.pi * math.acos(math.exp(float(ldm_log_alphabar()[-1]) / 2))
+
+
+_PLAIN = {
+    "rf": lambda: _rf("rf", Uniform()),
+    "rf/cosmap": lambda: _rf("rf/cosmap", CosMap()),
+    "eps/linear": lambda: Formulation("eps/linear", LinearVPPath(), "eps", Uniform(), _w_eps_linear, 1.0),
+    "v/linear": lambda: Formulation("v/linear", LinearVPPath(), "v", Uniform(), _w_v_linear, 1.0),
+    "eps/cos": lambda: Formulation("eps/cos", CosinePath(), "eps", Uniform(), _w_eps_cos, math.pi, _eps_cos_t_max()),
+    "v/cos": lambda: Formulation("v/cos", CosinePath(), "v", Uniform(), _w_v_cos, math.pi / 2),
+    "edm/rf": lambda: _edm("edm/rf", RFSigma()),
+    "edm/cos": lambda: _edm("edm/cos", CosSigma()),
+}
+_CALL = re.compile(r"(rf/lognorm|rf/mode|edm)(?:\((.*)\))?")
+_ARGS = {"rf/lognorm": ("m", "s"), "rf/mode": ("s",), "edm": ("Pm", "Ps")}
+
+
+def _bad(name, why):
+    return ValueError(f"unknown formulation {name!r}: {why}; accepted forms: {ACCEPTED}")
+
+
+def _parse(name: str) -> Formulation:
+    """Formulation for a Table 1 name (see Formulation.from_name)."""
+    if not isinstance(name, str):
+        raise _bad(name, "expected a string")
+    key = re.sub(r"\s+", "", name).lower()
+    if key in _PLAIN:
+        return _PLAIN[key]()
+    match = _CALL.fullmatch(key)
+    if match is None:
+        raise _bad(name, "not a known form")
+    kind, arg_text = match.groups()
+    expected = _ARGS[kind]
+    try:
+        args = [float(x) for x in arg_text.split(",")] if arg_text else []
+    except ValueError:
+        raise _bad(name, f"arguments must be numbers, got {arg_text!r}") from None
+    if len(args) != len(expected) or not all(math.isfinite(x) for x in args):
+        raise _bad(name, f"{kind} takes {len(expected)} finite number(s) ({', '.join(expected)}), got {arg_text!r}")
+    return _KIND[kind](name, *args)
+
+
+def _lognorm(name, m, s):
+    if not s > 0:
+        raise _bad(name, f"lognorm scale s must be > 0, got {s}")
+    return _rf(f"rf/lognorm({_fmt(m)}, {_fmt(s)})", LogitNormal(m, s))
+
+
+def _mode(name, s):
+    if not -1 <= s <= 1.75:
+        raise _bad(name, f"mode s must lie in [-1, 1.75] (f_mode is monotone there), got {s}")
+    if s == 0:
+        return _rf("rf", Uniform())  # mode(0) is the uniform sampler (PAPER 2)
+    return _rf(f"rf/mode({_fmt(s)})", ModeSampler(s))
+
+
+def _edm_lognormal(name, p_mean, p_std):
+    if not p_std > 0:
+        raise _bad(name, f"edm Ps must be > 0, got {p_std}")
+    return _edm(f"edm({_fmt(p_mean)}, {_fmt(p_std)})", LogNormalSigma(p_mean, p_std))
+
+
+_KIND = {"rf/lognorm": _lognorm, "rf/mode": _mode, "edm": _edm_lognormal}
+
+# Grid points where PAPER 3 gives only ranges (docs/formulations.md): every Table 1 entry is on them.
+MODE_S = [round(-1 + k * 2.75 / 6, 2) for k in range(7)] + [1.0]  # 7 evenly spaced in [-1, 1.75], plus 1.0 (0 is rf)
+LOGNORM_M = [-1.0, -0.5, 0.0, 0.5, 1.0]
+LOGNORM_S = [0.2, 0.6, 1.0, 1.4, 1.8, 2.2]
+EDM_PM = [-1.2, -0.6, 0.0, 0.6, 1.2]
+EDM_PS = [0.6, 1.2, 1.8]
+
+TABLE1 = [
+    "rf/lognorm(0.00, 1.00)", "rf/lognorm(1.00, 0.60)", "rf/lognorm(0.50, 0.60)", "rf/mode(1.29)",
+    "rf/lognorm(0.50, 1.00)", "eps/linear", "rf/mode(1.75)", "rf/cosmap", "edm(0.00, 0.60)", "rf", "v/linear",
+    "edm(0.60, 1.20)", "v/cos", "edm/cos", "edm/rf", "edm(-1.20, 1.20)",
+]
+
+
+def paper_grid() -> list[str]:
+    """The 61 canonical names of the formulation study (PAPER 3)."""
+    names = ["eps/linear", "v/linear", "eps/cos", "v/cos", "rf"]
+    names += [f"rf/mode({_fmt(s)})" for s in sorted(MODE_S)]
+    names += ["rf/cosmap"]
+    names += [f"rf/lognorm({_fmt(m)}, {_fmt(s)})" for m in LOGNORM_M for s in LOGNORM_S]
+    names += [f"edm({_fmt(pm)}, {_fmt(ps)})" for pm in EDM_PM for ps in EDM_PS]
+    return names + ["edm/rf", "edm/cos"]

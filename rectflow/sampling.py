@@ -1,0 +1,163 @@
+"""Sampling: time grids, classifier-free guidance and ODE solvers (PAPER 6).
+
+Solvers are small pure functions over an explicit, decreasing time grid in the formulation's own t. Every
+formulation is sampled the same way: its network output becomes (x0_hat, eps_hat), and Euler and Heun step the ODE
+in the SNR-matched rectified-flow frame y = z / (a + b) against tau = b / (a + b), where it reads
+dy/dtau = eps_hat - x0_hat. For rf that frame is the formulation's own (Euler is exactly SD3's Euler); for the others
+an Euler step is the DDIM step z' = a' x0_hat + b' eps_hat, which stays well behaved where the formulation's own
+t-parametrisation is steep (EDM's sigma(t) = exp(Pm + Ps Phi^-1(t)) near t = 1). DPM++ 2M works on the half
+log-SNR log(a / b) of any path. docs/formulations.md explains the choices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rectflow.flow import Formulation, shift_time
+
+SD3_TRAIN_STEPS = 1000  # the released schedulers' discretisation; its low end sets the last non-zero time
+
+
+def time_grid(steps: int, shift: float = 1.0, schedule: str = "linear") -> torch.Tensor:
+    """steps + 1 times (float64) decreasing from 1 to 0.
+
+    linear: shift_time(linspace(1, 0, steps + 1), shift).
+    sd3: shift_time(linspace(1, shift_time(1/1000, shift), steps), shift) then 0, the grid the released models are
+    sampled with (PAPER 6: the low end is shifted twice).
+    """
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"time_grid: steps must be a positive integer, got {steps}")
+    steps = int(steps)
+    if schedule == "linear":
+        return shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift)
+    if schedule == "sd3":
+        low = shift_time(1 / SD3_TRAIN_STEPS, shift)
+        ts = shift_time(torch.linspace(1, low, steps, dtype=torch.float64), shift)
+        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
+    raise ValueError(f"time_grid: schedule must be 'linear' or 'sd3', got {schedule!r}")
+
+
+def guided(model, context, y, cfg_scale, uncond_context=None, uncond_y=None):
+    """model_fn(z_in, t_in) with classifier-free guidance: uncond + cfg_scale (cond - uncond), one batched forward.
+
+    model(x, t, context, y); the unconditional inputs default to zeros (the training-time dropout of PAPER 4).
+    At cfg_scale 1 the unconditional branch cancels, so only the conditional forward runs.
+    """
+    if cfg_scale == 1:
+        return lambda z_in, t_in: model(z_in, t_in, context, y)
+    uncond_context = torch.zeros_like(context) if uncond_context is None else uncond_context
+    uncond_y = torch.zeros_like(y) if uncond_y is None else uncond_y
+    both_context, both_y = torch.cat([context, uncond_context]), torch.cat([y, uncond_y])
+
+    def model_fn(z_in, t_in):
+        out = model(torch.cat([z_in, z_in]), torch.cat([t_in, t_in]), both_context, both_y)
+        cond, uncond = out.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    return model_fn
+
+
+def _coefficients(f: Formulation, t: float) -> tuple[float, float]:
+    """(a_t, b_t) as float64 python numbers."""
+    t = torch.tensor(t, dtype=torch.float64)
+    return float(f.a(t)), float(f.b(t))
+
+
+def _evaluate(model_fn, f: Formulation, z, t: float):
+    """(x0_hat, rf-frame velocity) of the model at (z, t)."""
+    net_out = model_fn(*f.network_input(z, t))
+    x0, _ = f.denoise(net_out, z, t)
+    return x0, f.rf_velocity(net_out, z, t)
+
+
+def _step(f: Formulation, z, t: float, t_next: float, velocity):
+    """One Euler step of dy/dtau = velocity in the rf frame y = z / (a + b), tau = b / (a + b)."""
+    a, b = _coefficients(f, t)
+    a_next, b_next = _coefficients(f, t_next)
+    s, s_next = a + b, a_next + b_next
+    return (s_next / s) * z + (s_next * (b_next / s_next - b / s)) * velocity
+
+
+def _times(ts) -> list[float]:
+    """The grid as python floats (float64), checked to decrease."""
+    ts = [float(t) for t in (ts.tolist() if isinstance(ts, torch.Tensor) else ts)]
+    if len(ts) < 2 or any(t1 >= t0 for t0, t1 in zip(ts, ts[1:])):
+        raise ValueError(f"time grid must hold at least 2 strictly decreasing times, got {ts}")
+    return ts
+
+
+def sample_euler(model_fn, formulation: Formulation, z, ts, callback=None):
+    """Euler (DDIM for non-rf formulations) from ts[0] to ts[-1]; callback(i, t, z, x0_hat) before each step."""
+    ts = _times(ts)
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        x0, v = _evaluate(model_fn, formulation, z, t)
+        if callback is not None:
+            callback(i, t, z, x0)
+        z = _step(formulation, z, t, t_next, v)
+    return z
+
+
+def sample_heun(model_fn, formulation: Formulation, z, ts, callback=None):
+    """Heun's second-order method; the step into t = 0 is an Euler step (nothing to evaluate there)."""
+    ts = _times(ts)
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        x0, v = _evaluate(model_fn, formulation, z, t)
+        if callback is not None:
+            callback(i, t, z, x0)
+        if t_next == 0:
+            z = _step(formulation, z, t, t_next, v)
+        else:
+            _, v_next = _evaluate(model_fn, formulation, _step(formulation, z, t, t_next, v), t_next)
+            z = _step(formulation, z, t, t_next, (v + v_next) / 2)
+    return z
+
+
+def sample_dpmpp_2m(model_fn, formulation: Formulation, z, ts, callback=None):
+    """DPM-Solver++(2M) in x0 form over the half log-SNR l = log(a / b) (Lu et al. 2022), for any a_t, b_t.
+
+    z' = (b'/b) z - a' expm1(-h) D with h = l' - l and D the x0_hat extrapolated along l from the previous step;
+    first order where there is no previous step (or it started from a = 0), x0_hat itself into b = 0.
+    """
+    ts = _times(ts)
+    f = formulation
+    x0_prev, h_prev = None, None
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        x0, _ = _evaluate(model_fn, f, z, t)
+        if callback is not None:
+            callback(i, t, z, x0)
+        a, b = _coefficients(f, t)
+        a_next, b_next = _coefficients(f, t_next)
+        if b_next == 0:
+            z = a_next * x0
+            continue
+        h = float(f.lam(torch.tensor(t_next, dtype=torch.float64)) - f.lam(torch.tensor(t, dtype=torch.float64))) / 2
+        if x0_prev is None or not math.isfinite(h_prev):
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        z = (b_next / b) * z - (a_next * math.expm1(-h)) * d
+        x0_prev, h_prev = x0, h
+    return z
+
+
+SOLVERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def formulation_grid(formulation: Formulation, steps: int, shift: float = 1.0, schedule: str = "linear"):
+    """time_grid (rf times) carried to the formulation's t at equal log-SNR, clipped to [t_min, t_max], repeats
+    dropped: every formulation is sampled at the same noise levels (identity for rf and edm/rf)."""
+    ts = formulation.from_rf_time(time_grid(steps, shift, schedule))
+    return torch.unique_consecutive(ts.clamp(formulation.t_min, formulation.t_max))
+
+
+def sample(model_fn, formulation, noise, steps=28, solver="euler", shift=1.0, schedule="linear", callback=None):
+    """x0 from standard-normal noise: the prior z = noise * prior_scale at the start of
+    formulation_grid(formulation, steps, shift, schedule), then the solver."""
+    f = formulation if isinstance(formulation, Formulation) else Formulation.from_name(formulation)
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
+    ts = formulation_grid(f, steps, shift, schedule)
+    z = noise * f.prior_scale
+    return SOLVERS[solver](model_fn, f, z, ts, callback)
