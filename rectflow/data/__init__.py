@@ -1,0 +1,39 @@
+"""Built-in data sets (shapes, emoji) and folders of the user's images, behind one get_dataset().
+
+Every data set is map-style and deterministic: item i is a pure function of (seed, split, i), and items are
+{"image": float [3, H, W] in [-1, 1], "caption": str, "meta": JSON-serialisable dict}. Batch them with collate().
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .emoji import EmojiDataset
+from .folder import ImageFolderDataset
+from .shapes import ShapesDataset
+
+__all__ = ["get_dataset", "collate", "ShapesDataset", "EmojiDataset", "ImageFolderDataset"]
+
+
+def get_dataset(name: str, resolution: int, split: str = "train", seed: int = 0, **kw) -> torch.utils.data.Dataset:
+    """'shapes', 'emoji', or a folder path ('folder:PATH' also accepted) -> the data set at resolution.
+
+    seed selects the endless shapes training stream; emoji and folders are fixed lists (a loader shuffles them),
+    and every validation split is fixed. Keyword options go to the data set: shapes (categories, val_size),
+    emoji (subset, path), folders (crop, hflip, val_every).
+    """
+    if name == "shapes":
+        return ShapesDataset(resolution, split, seed=seed, **kw)
+    if name == "emoji":
+        return EmojiDataset(resolution, split, **kw)
+    path = Path(name[len("folder:"):] if name.startswith("folder:") else name).expanduser()
+    if path.is_dir():
+        return ImageFolderDataset(path, resolution, split, **kw)
+    raise ValueError(f"unknown data set {name!r}: expected 'shapes', 'emoji' or an existing folder of images")
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch items: images stacked to [B, 3, H, W], captions and metas as lists (metas differ in shape)."""
+    return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
+            "meta": [it["meta"] for it in items]}
