@@ -1,0 +1,350 @@
+"""Evaluate a training run: `rectflow eval --run runs/first --samples 120 --out runs/first/eval/eval.json`.
+
+PAPER 3's protocol at the scale of one machine, for the EMA and the raw weights of the run's latest checkpoint:
+
+- validation loss at 8 equally spaced t (rectflow.evaluate.val_loss), on the data set's validation split;
+- for each sampler setting (Euler; 50 steps at CFG 1.0, 2.5 and 5.0; 5, 10 and 25 steps at CFG 5.0 by default),
+  N samples with fixed noise: CLIP score against their prompts and FID against the validation split's real images,
+  both with one image-text encoder (rectflow.evaluate.features), whose name goes with every number;
+- on shapes, GenEval-style scores per category from the exact detector (rectflow.evaluate.geneval).
+
+Prompts: on shapes, the fixed GenEval prompt set (shapes.eval_prompts, categories interleaved so any N is balanced);
+elsewhere the captions of the validation split in order. Writes the JSON report, a markdown table (.md) and a plot
+(.png) side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rectflow.evaluate.frechet import GaussianFit, frechet_distance
+from rectflow.evaluate.val_loss import T_LEVELS
+
+PAPER_SETTINGS = "50x1.0,50x2.5,50x5.0,5x5.0,10x5.0,25x5.0"  # steps x CFG scale (PAPER 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One sampler setting: Euler steps and classifier-free guidance scale, for one weight set."""
+
+    weights: str
+    steps: int
+    cfg: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.weights}/euler-{self.steps}/cfg-{self.cfg:g}"
+
+
+def parse_settings(text: str) -> list[tuple[int, float]]:
+    """'50x1.0,5x5.0' -> [(50, 1.0), (5, 5.0)]."""
+    out = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        steps, sep, cfg = item.partition("x")
+        try:
+            pair = (int(steps), float(cfg))
+        except ValueError:
+            pair = None
+        if not sep or pair is None or pair[0] < 1 or pair[1] < 0:
+            raise ValueError(f"--settings item {item!r}: expected STEPSxCFG such as 50x5.0")
+        out.append(pair)
+    if not out:
+        raise ValueError("--settings: no sampler settings given")
+    return out
+
+
+# ---------------------------------------------------------------- prompts and reference set
+
+
+def eval_set(data: str, resolution: int, n: int, seed: int, data_options: dict) -> tuple[list[str], list[dict] | None]:
+    """(prompts, shapes metas or None) for n samples per setting."""
+    from rectflow.data import get_dataset
+    if data == "shapes":
+        from rectflow.data.shapes import CATEGORIES, caption_for, eval_prompts
+        categories = tuple(data_options.get("categories") or CATEGORIES)
+        per = math.ceil(n / len(categories))
+        metas = eval_prompts(per, seed=seed, categories=categories)
+        # category-major -> interleaved, so the first n cover every category evenly
+        metas = [metas[c * per + i] for i in range(per) for c in range(len(categories))][:n]
+        return [caption_for(m) for m in metas], metas
+    val = get_dataset(data, resolution, split="val", seed=0, **data_options)
+    if len(val) == 0:
+        raise ValueError(f"data set {data!r} has an empty validation split: no prompts and no FID reference")
+    return [val[i % len(val)]["caption"] for i in range(n)], None
+
+
+def ground_truth_images(data: str, resolution: int, n: int, metas: list[dict] | None, data_options: dict):
+    """Real images for the prompts: renders of the shapes metas, else the validation items the captions came from."""
+    if metas is not None:
+        from rectflow.data.shapes import render_scene, to_tensor
+        return torch.stack([to_tensor(render_scene(m, resolution)) for m in metas])
+    from rectflow.data import get_dataset
+    val = get_dataset(data, resolution, split="val", seed=0, **data_options)
+    return torch.stack([val[i % len(val)]["image"] for i in range(n)])
+
+
+def score_images(images, prompt_features, encoder, reference: GaussianFit, metas) -> dict:
+    """FID against the reference, CLIP score against the prompts and (shapes) GenEval scores of one image set."""
+    from rectflow.evaluate.clip_score import scores_from_features
+    from rectflow.evaluate.geneval import geneval_scores
+    feats = encoder.image_features(images)
+    out = {"fid": frechet_distance(GaussianFit.of(feats), reference),
+           "clip_score": float(scores_from_features(feats, prompt_features).mean())}
+    if metas is not None:
+        out["geneval"] = geneval_scores(metas, images)
+    return out
+
+
+def fingerprint(encoder) -> str:
+    """A short digest of an encoder's name and weights (first bytes of every tensor), for cache keys."""
+    h = hashlib.sha256(encoder.name.encode())
+    for key, value in encoder.state_dict().items():
+        h.update(key.encode())
+        h.update(str(tuple(value.shape)).encode())
+        h.update(value.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def reference_fit(encoder, data: str, resolution: int, n: int, data_options: dict, cache_dir: Path | None) -> dict:
+    """Gaussian fit of the encoder's features of the first n real validation images, cached as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from rectflow.data import get_dataset
+    val = get_dataset(data, resolution, split="val", seed=0, **data_options)
+    n = min(n, len(val))
+    key = hashlib.sha256(json.dumps([fingerprint(encoder), data, resolution, n, data_options],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"fid-reference-{key}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        return {"fit": GaussianFit.from_state_dict(load_file(str(path))), "n": n, "cache": str(path), "cached": True}
+    feats = torch.cat([encoder.image_features(torch.stack([val[i]["image"] for i in range(lo, min(n, lo + 64))]))
+                       for lo in range(0, n, 64)])
+    fit = GaussianFit.of(feats)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(fit.state_dict(), str(path), metadata={"encoder": encoder.name, "data": data, "n": str(n)})
+    return {"fit": fit, "n": n, "cache": str(path) if path else None, "cached": False}
+
+
+# ---------------------------------------------------------------- the evaluation
+
+
+def load_weights(run: str, weights: str, pipe, device):
+    """The pipeline with the run's `weights` ('ema' or 'raw') of its latest checkpoint."""
+    from rectflow.sample import load_model, resolve_weights
+    path = resolve_weights(run, None, weights)
+    model, _ = load_model(path, device)
+    return dataclasses.replace(pipe, model=model, source=str(path))
+
+
+def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]] | None = None,
+                 weights: tuple[str, ...] = ("ema", "raw"), encoder_spec: str = "scorer", val_samples: int = 256,
+                 ref_samples: int = 1000, seed: int = 0, batch_size: int = 64, shift: float | None = None,
+                 device: str = "cpu", bf16: bool = False, cache_dir: str | None = None, progress: bool = True) -> dict:
+    """The whole protocol for one run; returns the JSON-serialisable report."""
+    from tqdm import tqdm
+
+    from rectflow.data import get_dataset
+    from rectflow.evaluate.features import load_encoder
+    from rectflow.evaluate.val_loss import validation_inputs, validation_loss
+    from rectflow.sample import generate, load_pipeline
+
+    start = time.perf_counter()
+    settings = settings or parse_settings(PAPER_SETTINGS)
+    device = torch.device(device)
+    pipe = load_pipeline(run, None, weights[0], device)
+    cfg = pipe.train_config
+    data, options = cfg.get("data", "shapes"), cfg.get("data_options") or {}
+    shift = cfg.get("shift", 1.0) if shift is None else shift
+    cache = Path(cache_dir) if cache_dir else Path(run) / "cache"
+    encoder = load_encoder(encoder_spec, device=device)
+    prompts, metas = eval_set(data, pipe.resolution, samples, seed, options)
+    reference = reference_fit(encoder, data, pipe.resolution, ref_samples, options, cache)
+    prompt_features = encoder.text_features(prompts)
+    val = get_dataset(data, pipe.resolution, split="val", seed=0, **options)
+    val_inputs = validation_inputs(val, val_samples, pipe.text_encoder, pipe.autoencoder, device)
+
+    jobs = [Setting(w, steps, scale) for w in weights for steps, scale in settings]
+    batches = range(0, len(prompts), batch_size)
+    bar = tqdm(total=len(jobs) * len(batches), unit="batch", desc="rectflow eval", disable=not progress)
+    report = {"run": str(run), "encoder": encoder.name, "val_loss": {}, "fid": {}, "clip_score": {},
+              "geneval": {} if metas is not None else None, "results": []}
+    checkpoints = {}
+    for i, w in enumerate(weights):
+        if i:  # load_pipeline loaded the first weight set
+            pipe = load_weights(run, w, pipe, device)
+        checkpoints[w] = pipe.source
+        report["val_loss"][w] = validation_loss(pipe.model, pipe.formulation, *val_inputs, seed=seed,
+                                                batch_size=batch_size, bf16=bf16)
+        for job in (j for j in jobs if j.weights == w):
+            images = []
+            for lo in batches:  # image i starts from the noise of seed + i in every setting
+                images.append(generate(pipe, prompts[lo:lo + batch_size], steps=job.steps, solver="euler",
+                                       cfg_scale=job.cfg, shift=shift, seed=seed + lo, batch_size=batch_size,
+                                       bf16=bf16))
+                bar.update(1)
+            result = {"label": job.label, "weights": w, "steps": job.steps, "cfg": job.cfg,
+                      **score_images(torch.cat(images), prompt_features, encoder, reference["fit"], metas)}
+            if metas is not None:
+                report["geneval"][job.label] = result["geneval"]
+            report["fid"][job.label], report["clip_score"][job.label] = result["fid"], result["clip_score"]
+            report["results"].append(result)
+    bar.close()
+    # the same metrics for real images of the same prompts: the floor of FID and ceiling of the others at this N
+    truth = ground_truth_images(data, pipe.resolution, len(prompts), metas, options)
+    report["ground_truth"] = score_images(truth, prompt_features, encoder, reference["fit"], metas)
+    report["settings"] = {
+        "samples": len(prompts),
+        "prompts": "shapes.eval_prompts (GenEval set)" if metas is not None else "val captions",
+        "sampler": [{"solver": "euler", "steps": s, "cfg": c} for s, c in settings], "weights": list(weights),
+        "shift": shift, "schedule": "linear", "seed": seed, "bf16": bf16, "device": str(device),
+        "val_loss": {"t": list(T_LEVELS), "samples": val_inputs[0].shape[0], "split": "val"},
+        "fid_reference": {"data": data, "split": "val", "n": reference["n"], "cache": reference["cache"]},
+        "checkpoints": checkpoints, "formulation": pipe.formulation.name, "data": data, "resolution": pipe.resolution,
+        "clip_score_definition": "100 * max(cos, 0), mean over samples",
+    }
+    report["elapsed_s"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown tables: val loss per level, then one row per sampler setting."""
+    from rectflow.data.shapes import CATEGORIES
+    s = report["settings"]
+    weights = ", ".join(f"{w} `{p}`" for w, p in s["checkpoints"].items())
+    lines = [f"# rectflow eval: {report['run']}", "",
+             f"Weights {weights}; formulation `{s['formulation']}`, data `{s['data']}` at "
+             f"{s['resolution']} px. Encoder for CLIP score and FID: **{report['encoder']}**. "
+             f"{s['samples']} samples per setting ({s['prompts']}), FID reference: {s['fid_reference']['n']} real "
+             f"{s['fid_reference']['data']} val images. Euler, shift {s['shift']}, seed {s['seed']}.", "",
+             "## Validation loss", "",
+             "| weights | " + " | ".join(f"t={t:.4f}" for t in s["val_loss"]["t"]) + " | mean |",
+             "|---|" + "---|" * (len(s["val_loss"]["t"]) + 1)]
+    for w, v in report["val_loss"].items():
+        lines.append(f"| {w} | " + " | ".join(_fmt(x, 4) for x in v["loss"]) + f" | {_fmt(v['mean'], 4)} |")
+    geneval = report["geneval"] is not None
+    head = ["weights", "steps", "CFG", f"FID ({report['encoder']})", f"CLIP score ({report['encoder']})"]
+    if geneval:
+        head += ["GenEval overall", *CATEGORIES]
+    lines += ["", "## Samples", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    truth = {**report["ground_truth"], "weights": "real images", "steps": "-", "cfg": "-"}
+    for r in report["results"] + [truth]:
+        row = [r["weights"], str(r["steps"]), f"{r['cfg']:g}" if r["cfg"] != "-" else "-", _fmt(r["fid"], 2),
+               _fmt(r["clip_score"], 2)]
+        if geneval:
+            row += [_fmt(r["geneval"]["overall"])] + [_fmt(r["geneval"].get(c)) for c in CATEGORIES]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "The last row scores real images of the same prompts (renders of the shapes scenes, or the validation "
+              "images the captions belong to, which are also in the FID reference): the FID floor and the CLIP score "
+              "at this sample count."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Validation loss per t, FID against CLIP score per setting, and GenEval overall per setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    geneval = report["geneval"] is not None
+    fig, axes = plt.subplots(1, 3 if geneval else 2, figsize=(15 if geneval else 10, 4))
+    ax = axes[0]
+    for w, v in report["val_loss"].items():
+        ax.plot(v["t"], v["loss"], marker="o", label=f"{w} (mean {v['mean']:.4f})")
+    ax.set(xlabel="t (0 = data, 1 = noise)", ylabel="validation loss", title="validation loss per t")
+    ax.legend()
+    ax = axes[1]
+    for r in report["results"]:
+        if r["fid"] is not None:
+            ax.scatter(r["clip_score"], r["fid"], marker="o" if r["weights"] == "ema" else "x")
+            ax.annotate(f"{r['weights']} {r['steps']}/{r['cfg']:g}", (r["clip_score"], r["fid"]), fontsize=7)
+    truth = report["ground_truth"]  # as text: a point this far away would squash the settings together
+    ax.text(0.02, 0.02, f"real images: FID {truth['fid']:.2f}, CLIP score {truth['clip_score']:.2f}",
+            transform=ax.transAxes, fontsize=8)
+    ax.ticklabel_format(useOffset=False)
+    ax.set(xlabel=f"CLIP score ({report['encoder']})", ylabel=f"FID ({report['encoder']})",
+           title="FID vs CLIP score (lower right is better)")
+    if geneval:
+        ax = axes[2]
+        labels = [f"{r['weights']}\n{r['steps']}/{r['cfg']:g}" for r in report["results"]]
+        ax.bar(range(len(labels)), [r["geneval"]["overall"] for r in report["results"]])
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.axhline(truth["geneval"]["overall"], linestyle="--", color="black", label="real images")
+        ax.legend(loc="upper right")
+        ax.set(ylabel="GenEval overall", ylim=(0, 1.05), title="GenEval-style score (shapes detector)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, out: Path) -> tuple[Path, Path, Path]:
+    """JSON, markdown and plot side by side."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    md, png = out.with_suffix(".md"), out.with_suffix(".png")
+    md.write_text(markdown(report))
+    plot(report, png)
+    return out, md, png
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`rectflow eval` options."""
+    parser.add_argument("--run", required=True, help="training run directory (config.yaml + checkpoints/)")
+    parser.add_argument("--out", default=None, help="JSON report; the .md table and .png plot go beside it "
+                        "(default: RUN/eval/eval.json)")
+    parser.add_argument("--samples", type=int, default=120, help="samples per sampler setting (and weight set)")
+    parser.add_argument("--settings", default=PAPER_SETTINGS, help="Euler sampler settings, comma-separated "
+                        "STEPSxCFG (default: PAPER 3's six)")
+    parser.add_argument("--weights", nargs="+", choices=("ema", "raw"), default=["ema", "raw"],
+                        help="weight sets of the latest checkpoint to evaluate")
+    parser.add_argument("--encoder", default="scorer", help="image-text encoder for CLIP score and FID: 'scorer' "
+                        "(shipped offline scorer), 'scorer:FILE.safetensors' or 'clip:DIR' (a transformers CLIPModel)")
+    parser.add_argument("--val-samples", type=int, default=256, help="validation images for the validation loss")
+    parser.add_argument("--ref-samples", type=int, default=1000, help="real validation images in the FID reference")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, the sampling noise and the "
+                        "validation-loss noise")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model batch")
+    parser.add_argument("--shift", type=float, default=None, help="time-grid shift (default: the run's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                        help="bf16 autocast for the model (faster; not bit-reproducible across devices)")
+    parser.add_argument("--cache-dir", default=None, help="where the FID reference features are cached "
+                        "(default: RUN/cache)")
+
+
+def run(args) -> int:
+    """Entry point of `rectflow eval`."""
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    try:
+        if args.samples < 2:
+            raise ValueError(f"--samples must be at least 2 (FID needs two samples), got {args.samples}")
+        report = evaluate_run(args.run, args.samples, parse_settings(args.settings), tuple(args.weights),
+                              args.encoder, args.val_samples, args.ref_samples, args.seed, args.batch_size,
+                              args.shift, device, args.bf16, args.cache_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rectflow eval: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / "eval.json"
+    paths = write_outputs(report, out)
+    print(markdown(report))
+    print(f"rectflow eval: wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    return 0
