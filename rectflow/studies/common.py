@@ -1,0 +1,268 @@
+"""What the studies share: runs and options, the small recipe and its budget, training through the trainer,
+evaluation through rectflow.evaluate, and report helpers (markdown tables, figures).
+
+Every run of a study trains with the same recipe, data and seed except for the one thing the study varies. The
+recipe below is sized so each study's default grid finishes in about two hours on 2 CPU cores at budget 1;
+`--budget b` multiplies the training steps and the number of evaluation samples.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# The studies' training recipe at budget 1: the trainer's defaults with a smaller model and batch.
+RECIPE = {
+    "resolution": 32, "patch_size": 4, "depth": 4, "hidden": 128, "heads": 2, "batch_size": 32, "lr": 1e-3,
+    "warmup_steps": 50, "lr_schedule": "cosine", "qk_norm": "rms", "bf16": True, "ema_decay": 0.999,
+    "sample_every": 0, "keep_last": 1, "log_every": 10,
+}
+EVAL_SAMPLES = 96       # generated images per evaluation setting at budget 1 (16 per shapes GenEval category)
+EVAL_REFERENCE = 1000   # real validation images of FID's reference set at budget 1
+NOT_IN_SPEC = ("device", "cache_dir")  # training fields that do not change what a run computes
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of a study's grid: its folder name, everything that defines it, and runs it depends on."""
+
+    name: str
+    spec: dict
+    needs: tuple[str, ...] = ()
+
+
+@dataclass
+class StudyOptions:
+    """The options of `rectflow ablate` that the studies read."""
+
+    study: str
+    budget: float = 1.0
+    data: str = "shapes"
+    text_encoder: str = "minilm"
+    encoder: str = "scorer"
+    variants: list[str] | None = None
+    grid: str = "table1"
+    samples: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    seed: int = 0
+    device: str = "auto"
+    runs_dir: Path = Path("runs/ablate")
+    out: Path = Path("docs/results")
+
+    @property
+    def study_dir(self) -> Path:
+        """Where this study's runs live at this budget."""
+        return Path(self.runs_dir) / self.study / f"budget-{self.budget:g}"
+
+    @property
+    def n_samples(self) -> int:
+        """Generated images per evaluation setting: --samples, else scaled by the budget."""
+        return self.samples if self.samples is not None else scaled(EVAL_SAMPLES, self.budget, minimum=12)
+
+    @property
+    def n_reference(self) -> int:
+        """Real images of the FID reference set."""
+        return max(self.n_samples, scaled(EVAL_REFERENCE, self.budget))
+
+    def eval_spec(self) -> dict:
+        """What every run's evaluation depends on (part of each run's spec)."""
+        return {"samples": self.n_samples, "reference": self.n_reference, "encoder": self.encoder, "seed": self.seed}
+
+    def torch_device(self) -> torch.device:
+        """The device of evaluation and of runs whose config says "auto"."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def scaled(n: int, budget: float, minimum: int = 1) -> int:
+    """n scaled by the budget, at least `minimum`."""
+    return max(minimum, round(n * budget))
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temp file, then rename), so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    """JSON from a file, or None when it does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (blocking): one process at a time fills a cache shared by workers."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cached(path: Path, compute):
+    """The JSON in `path`, computing and writing it first when absent (how evaluations resume)."""
+    value = read_json(path)
+    if value is None:
+        value = compute()
+        write_json(path, value)
+    return value
+
+
+# ---------------------------------------------------------------- training
+
+
+def study_config(opts: StudyOptions, steps: int, checkpoints: int = 4, recipe: dict | None = None, **varied):
+    """A run's TrainConfig: RECIPE with the study's `recipe` changes, `steps` x budget, `checkpoints` evenly spaced
+    checkpoints, the fields the study varies, then the user's --set overrides (which may not change a varied field:
+    that would break the comparison).
+    """
+    from rectflow.config import TrainConfig, apply_dict, apply_overrides, parse_override
+    max_steps = scaled(steps, opts.budget)
+    base = {**RECIPE, "data": opts.data, "text_encoder": opts.text_encoder, "seed": opts.seed, "device": opts.device,
+            "max_steps": max_steps, "warmup_steps": min(RECIPE["warmup_steps"], max(1, max_steps // 10)),
+            "checkpoint_every": max(1, max_steps // checkpoints), "cache_dir": str(opts.study_dir / "cache")}
+    cfg = apply_dict(TrainConfig(), {**base, **(recipe or {}), **varied}, source=f"study {opts.study}")
+    clash = sorted({parse_override(o)[0].split(".")[0] for o in opts.overrides} & set(varied))
+    if clash:
+        raise ValueError(f"--set {', '.join(clash)}: the {opts.study} study varies {', '.join(clash)} itself; "
+                         f"choose its values with --variants instead")
+    return apply_overrides(cfg, opts.overrides).validate()
+
+
+def train_spec(cfg) -> dict:
+    """The part of a config that defines what a run computes (stored in spec.json, compared on resume)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_SPEC}
+
+
+@contextlib.contextmanager
+def building(arch: str | None, **arch_options):
+    """Make the trainer build `arch` at the MM-DiT's parameter count (rectflow.train builds MM-DiTs only).
+
+    arch_options go to baselines.matched (e.g. context_splits for mmdit3).
+    """
+    if arch in (None, "mmdit"):
+        yield
+        return
+    from rectflow import train as train_mod
+    from rectflow.models import baselines
+    mmdit_builder = train_mod.build_model
+
+    def build(cfg, *args, **kw):
+        with torch.device("meta"):
+            target = mmdit_builder(cfg, *args, **kw)
+        model = baselines.from_config(baselines.matched(arch, target, **arch_options))
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        return model
+
+    train_mod.build_model = build
+    try:
+        yield
+    finally:
+        train_mod.build_model = mmdit_builder
+
+
+def trained(run_dir: Path, cfg, arch: str | None = None, on_checkpoint=None, **arch_options):
+    """The run's Trainer holding its final weights: trains from scratch or from the latest checkpoint when needed.
+
+    on_checkpoint(trainer) is called after every checkpoint the trainer writes (val-loss curves).
+    """
+    from rectflow import distributed
+    from rectflow.train import Trainer
+
+    class StudyTrainer(Trainer):
+        """The trainer with a hook after each checkpoint."""
+
+        def save(self):
+            path = super().save()
+            if path is not None and on_checkpoint is not None:
+                on_checkpoint(self)
+            return path
+
+    with building(arch, **arch_options):
+        trainer = StudyTrainer(cfg, run_dir, resume=True)
+    if on_checkpoint is not None and trainer.step > 0:
+        on_checkpoint(trainer)  # a kill between a checkpoint and its hook would otherwise leave a gap
+    if trainer.step < cfg.max_steps:
+        t0 = time.perf_counter()
+        try:
+            trainer.fit()
+        finally:
+            distributed.shutdown(trainer.ctx)
+        stats = read_json(Path(run_dir) / "train_time.json") or {}
+        write_json(Path(run_dir) / "train_time.json",
+                   {"seconds": stats.get("seconds", 0.0) + time.perf_counter() - t0, "steps": trainer.step})
+    return trainer
+
+
+def parameter_count(model) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- reports
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A number for a table (blank for None, NaN as 'nan')."""
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def samples_section(opts: StudyOptions, shown: dict[str, tuple[str, str]], fig_dir: Path, title: str) -> str:
+    """Markdown showing sample grids (label -> (run name, setting key)), copied into the report's figures folder."""
+    import shutil
+
+    from rectflow.ablate import folder_name
+    lines = [f"## {title}", ""]
+    for label, (name, key) in shown.items():
+        src = opts.study_dir / folder_name(name) / "eval" / f"{key}.png"
+        if not src.is_file():
+            continue
+        dst = fig_dir / "samples" / re.sub(r"[^A-Za-z0-9._-]", "_", f"{folder_name(name)}-{key}.png")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        lines += [f"{label}", "", f"![samples: {label}]({fig_dir.name}/samples/{dst.name})", ""]
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def figure(path: Path, draw, size=(6.0, 4.0)) -> Path:
+    """Draw on a fresh matplotlib Axes (Agg, no global backend state) and save a PNG."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=size, dpi=100)
+    ax = fig.add_subplot()
+    draw(ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
