@@ -1,0 +1,469 @@
+"""Convert MM-DiT weights between the released (SD3 / SD3.5) layout, the diffusers layout and rectflow's own files.
+
+rectflow's module names are the released checkpoints' keys, so one state dict serves three layouts. A released single
+file holds `joint_blocks.N.x_block.attn.qkv.weight` and so on, optionally under `model.diffusion_model.` (a VAE and
+text encoders bundled in the same file are ignored); its config is read off the keys and shapes. A rectflow file is
+the same in safetensors with the model config as JSON in the metadata. A diffusers folder holds SD3Transformer2DModel's
+state dict (diffusion_pytorch_model.safetensors, or shards) and config.json.
+
+Pickle files (.ckpt, .pt, .pth, .bin) are read only with allow_pickle=True (--allow-pickle), then through
+torch.load(weights_only=True). Every write goes to a temporary file that is renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rectflow.models.mmdit import MMDiT
+
+PREFIX = "model.diffusion_model."
+# other components that single-file releases bundle next to the MM-DiT
+OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+FORMAT_TAG = "rectflow.mmdit"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_QK_NORM = {None: None, "rms": "rms_norm", "ln": "layer_norm"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped keys, or an unreadable file."""
+
+
+# ----- reading and writing files ---------------------------------------------------------------------------------
+
+
+def _read_safetensors(path: Path, want=None) -> tuple[dict, dict]:
+    """Tensors (only the keys for which want(key) is true, if given) and the metadata of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if want is None or want(k)}
+    return tensors, metadata
+
+
+def _read_pickle(path: Path, allow_pickle: bool) -> dict:
+    """A state dict from a pickle file, refused unless the caller opted in; loaded with weights_only=True."""
+    if not allow_pickle:
+        raise CheckpointError(f"{path} is a pickle file ({path.suffix}); unpickling can run code. Convert it to "
+                              f"safetensors, or pass allow_pickle=True (--allow-pickle) if you trust it")
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning-style .ckpt
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return obj
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file through a temporary file in the same folder and os.replace it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    """Write a text file through a temporary file and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----- the released layout ---------------------------------------------------------------------------------------
+
+
+def _model_keys(keys, source) -> dict[str, str]:
+    """Map file keys to model keys: strip `model.diffusion_model.` and drop bundled VAE / text encoders."""
+    keys = list(keys)
+    if any(k.startswith(PREFIX) for k in keys):
+        return {k: k[len(PREFIX):] for k in keys if k.startswith(PREFIX)}
+    picked = {k: k for k in keys if not k.startswith(OTHER_COMPONENTS)}
+    if not picked:
+        raise CheckpointError(f"{source} holds no MM-DiT weights (no keys outside {OTHER_COMPONENTS})")
+    return picked
+
+
+def read_released(path, allow_pickle: bool = False) -> tuple[dict, dict]:
+    """The MM-DiT state dict (released key names) and the metadata of a single file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix in PICKLE_SUFFIXES:
+        raw = _read_pickle(path, allow_pickle)
+        names = _model_keys(raw, path)
+        return {names[k]: v for k, v in raw.items() if k in names}, {}
+    with safe_open(str(path), framework="pt") as f:
+        names = _model_keys(f.keys(), path)
+    tensors, metadata = _read_safetensors(path, want=names.__contains__)
+    return {names[k]: v for k, v in tensors.items()}, metadata
+
+
+def _require(sd: dict, key: str, source) -> torch.Tensor:
+    """sd[key], or an error saying the config cannot be inferred without it."""
+    if key not in sd:
+        raise CheckpointError(f"{source}: cannot infer the MM-DiT config: key {key!r} is missing")
+    return sd[key]
+
+
+def infer_config(sd: dict, source="state dict", num_heads: int | None = None, input_size: int | None = None) -> dict:
+    """An MMDiT config read off a released-layout state dict's keys and shapes (as the reference code does).
+
+    Heads: from the QK-norm width when present, else num_heads, else the SD3 rule head dim 64. input_size (only used
+    to build a fresh position table) defaults to SD3's 1024 px latent side, 128, capped at the table's extent.
+    """
+    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"joint_blocks\.(\d+)\.", k)] if m}
+    if not blocks:
+        raise CheckpointError(f"{source}: cannot infer the MM-DiT config: no joint_blocks.N.* keys")
+    depth = max(blocks) + 1
+    proj = _require(sd, "x_embedder.proj.weight", source)
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    final = _require(sd, "final_layer.linear.weight", source)
+    ln_q = sd.get("joint_blocks.0.x_block.attn.ln_q.weight")
+    qk_norm = None if ln_q is None else "ln" if "joint_blocks.0.x_block.attn.ln_q.bias" in sd else "rms"
+    if ln_q is not None:
+        num_heads = hidden // ln_q.shape[0]
+    elif num_heads is None:
+        num_heads = max(hidden // 64, 1)
+    pos = sd.get("pos_embed")
+    max_size = None
+    if pos is not None:
+        max_size = math.isqrt(pos.shape[1])
+        if max_size * max_size != pos.shape[1]:
+            raise CheckpointError(f"{source}: pos_embed has {pos.shape[1]} entries, not a square table")
+    elif input_size is None:
+        raise CheckpointError(f"{source}: no pos_embed table and no rectflow config in the metadata: "
+                              f"cannot tell the position grid")
+    if input_size is None:
+        input_size = min(128, max_size * patch)
+    dual = sorted({int(m.group(1)) for k in sd for m in [re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k)] if m})
+    fc1 = _require(sd, "joint_blocks.0.x_block.mlp.fc1.weight", source)
+    return dict(
+        depth=depth, hidden_size=hidden, num_heads=num_heads, patch_size=patch, in_channels=in_channels,
+        out_channels=final.shape[0] // (patch * patch),
+        context_dim=_require(sd, "context_embedder.weight", source).shape[1],
+        pooled_dim=_require(sd, "y_embedder.mlp.0.weight", source).shape[1],
+        input_size=input_size, qk_norm=qk_norm, dual_attention_layers=dual, pos_embed_max_size=max_size,
+        pos_embed_base_size=input_size, mlp_ratio=fc1.shape[0] / hidden)
+
+
+def _listing(items: list, limit: int = 12) -> str:
+    """A bounded, readable list of keys."""
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_state_dict(model: torch.nn.Module, sd: dict, source) -> None:
+    """Raise CheckpointError listing missing, unexpected and mis-shaped keys (expected vs got)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    misshaped = [f"{k} (expected {expected[k]}, got {tuple(sd[k].shape)})"
+                 for k in sorted(set(expected) & set(sd)) if tuple(sd[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys [{len(missing)}]: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys [{len(unexpected)}]: {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys [{len(misshaped)}]: {_listing(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the MM-DiT ({model.config['depth']} blocks, hidden "
+                              f"{model.config['hidden_size']}): " + "; ".join(problems))
+
+
+def build_model(config: dict, sd: dict, source, dtype: torch.dtype | None = None) -> MMDiT:
+    """An MMDiT of `config` holding exactly the tensors of `sd` (checked first; no memory spent on a random init)."""
+    with torch.device("meta"):
+        model = MMDiT.from_config(config)
+    check_state_dict(model, sd, source)
+    model.load_state_dict(sd, assign=True)
+    return model if dtype is None else model.to(dtype)
+
+
+def _metadata_config(metadata: dict, source) -> dict | None:
+    """The rectflow config stored in a file's metadata, if any."""
+    if "config" not in metadata or metadata.get("format") != FORMAT_TAG:
+        return None
+    try:
+        return json.loads(metadata["config"])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{source}: the rectflow config in the metadata is not valid JSON ({err})") from err
+
+
+def from_single_file(path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MMDiT:
+    """An MMDiT from a released SD3 / SD3.5 single file (config inferred) or a rectflow file (config in metadata)."""
+    sd, metadata = read_released(path, allow_pickle=allow_pickle)
+    config = _metadata_config(metadata, path) or infer_config(sd, source=path)
+    return build_model(config, sd, path, dtype)
+
+
+def save_released(model: MMDiT, path, prefix: bool = False) -> None:
+    """Write the state dict in the released single-file layout (optionally under `model.diffusion_model.`)."""
+    head = PREFIX if prefix else ""
+    _atomic_save({head + k: v for k, v in model.state_dict().items()}, Path(path))
+
+
+def save_model(model: MMDiT, path) -> None:
+    """Write a rectflow file: released-layout safetensors with the config as JSON in the metadata."""
+    metadata = {"format": FORMAT_TAG, "config": json.dumps(model.config)}
+    _atomic_save(model.state_dict(), Path(path), metadata=metadata)
+
+
+def load_model(path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MMDiT:
+    """Load any supported MM-DiT checkpoint: a rectflow or released file, or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        return load_diffusers(path, dtype=dtype, allow_pickle=allow_pickle)
+    return from_single_file(path, dtype=dtype, allow_pickle=allow_pickle)
+
+
+# ----- the diffusers layout --------------------------------------------------------------------------------------
+
+# (released module, diffusers module(s)); three diffusers modules are the q, k, v rows of one fused qkv
+X_BLOCK = [
+    ("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")), ("attn.proj", ("attn.to_out.0",)),
+    ("attn.ln_q", ("attn.norm_q",)), ("attn.ln_k", ("attn.norm_k",)),
+    ("attn2.qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v")), ("attn2.proj", ("attn2.to_out.0",)),
+    ("attn2.ln_q", ("attn2.norm_q",)), ("attn2.ln_k", ("attn2.norm_k",)),
+    ("adaLN_modulation.1", ("norm1.linear",)), ("mlp.fc1", ("ff.net.0.proj",)), ("mlp.fc2", ("ff.net.2",)),
+]
+CONTEXT_BLOCK = [
+    ("attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")), ("attn.proj", ("attn.to_add_out",)),
+    ("attn.ln_q", ("attn.norm_added_q",)), ("attn.ln_k", ("attn.norm_added_k",)),
+    ("adaLN_modulation.1", ("norm1_context.linear",)),
+    ("mlp.fc1", ("ff_context.net.0.proj",)), ("mlp.fc2", ("ff_context.net.2",)),
+]
+GLOBAL = [
+    ("x_embedder.proj", ("pos_embed.proj",)),
+    ("t_embedder.mlp.0", ("time_text_embed.timestep_embedder.linear_1",)),
+    ("t_embedder.mlp.2", ("time_text_embed.timestep_embedder.linear_2",)),
+    ("y_embedder.mlp.0", ("time_text_embed.text_embedder.linear_1",)),
+    ("y_embedder.mlp.2", ("time_text_embed.text_embedder.linear_2",)),
+    ("context_embedder", ("context_embedder",)), ("final_layer.linear", ("proj_out",)),
+    ("final_layer.adaLN_modulation.1", ("norm_out.linear",)),
+]
+
+
+def _module_map(depth: int) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(released module, diffusers modules, swap) for a model of `depth` blocks. diffusers orders the 2-output adaLN
+    (final layer, pre-only last context block) as (scale, shift) where the released files have (shift, scale)."""
+    pairs = [(r, d, r == "final_layer.adaLN_modulation.1") for r, d in GLOBAL]
+    for i in range(depth):
+        pairs += [(f"joint_blocks.{i}.x_block.{r}", tuple(f"transformer_blocks.{i}.{m}" for m in d), False)
+                  for r, d in X_BLOCK]
+        pairs += [(f"joint_blocks.{i}.context_block.{r}", tuple(f"transformer_blocks.{i}.{m}" for m in d),
+                   i == depth - 1 and r == "adaLN_modulation.1") for r, d in CONTEXT_BLOCK]
+    return pairs
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) rows <-> (scale, shift) rows."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'a.b.weight' -> ('a.b', 'weight')."""
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def _depth_of(keys, pattern: str, source) -> int:
+    """Number of blocks from keys like `<pattern>.N.`."""
+    blocks = {int(m.group(1)) for k in keys for m in [re.match(pattern + r"\.(\d+)\.", k)] if m}
+    if not blocks:
+        raise CheckpointError(f"{source}: no {pattern}.N.* keys")
+    return max(blocks) + 1
+
+
+def to_diffusers_state_dict(sd: dict, source="state dict") -> dict:
+    """Released-layout state dict -> SD3Transformer2DModel state dict (q, k, v split; 2-output adaLN swapped)."""
+    table = {r: (d, swap) for r, d, swap in _module_map(_depth_of(sd, "joint_blocks", source))}
+    out, unknown = {}, []
+    for key, value in sd.items():
+        if key == "pos_embed":
+            out["pos_embed.pos_embed"] = value
+            continue
+        module, param = _split_key(key)
+        if module not in table:
+            unknown.append(key)
+            continue
+        targets, swap = table[module]
+        value = _swap_halves(value) if swap else value
+        for target, part in zip(targets, value.chunk(len(targets), dim=0)):
+            out[f"{target}.{param}"] = part
+    if unknown:
+        raise CheckpointError(f"{source}: keys with no diffusers counterpart [{len(unknown)}]: {_listing(unknown)}")
+    return out
+
+
+def from_diffusers_state_dict(dsd: dict, source="diffusers state dict") -> dict:
+    """SD3Transformer2DModel state dict -> released-layout state dict (the inverse of to_diffusers_state_dict)."""
+    reverse = {}
+    for released, targets, swap in _module_map(_depth_of(dsd, "transformer_blocks", source)):
+        for i, target in enumerate(targets):
+            reverse[target] = (released, i, len(targets), swap)
+    parts: dict[str, list] = {}
+    swaps, unknown = {}, []
+    for key, value in dsd.items():
+        if key == "pos_embed.pos_embed":
+            parts["pos_embed"] = [value]
+            continue
+        module, param = _split_key(key)
+        if module not in reverse:
+            unknown.append(key)
+            continue
+        released, i, n, swap = reverse[module]
+        parts.setdefault(f"{released}.{param}", [None] * n)[i] = value
+        swaps[f"{released}.{param}"] = swap
+    if unknown:
+        raise CheckpointError(f"{source}: keys with no released counterpart [{len(unknown)}]: {_listing(unknown)}")
+    incomplete = sorted(k for k, v in parts.items() if any(p is None for p in v))
+    if incomplete:
+        raise CheckpointError(f"{source}: q/k/v projections incomplete for {_listing(incomplete)}")
+    out = {}
+    for key, pieces in parts.items():
+        value = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        out[key] = _swap_halves(value) if swaps.get(key) else value
+    return out
+
+
+def diffusers_config(config: dict, pos_embed_max_size: int | None = None) -> dict:
+    """The SD3Transformer2DModel config.json of a rectflow config (with the rectflow config kept under a private
+    key that diffusers ignores, so the way back is exact)."""
+    if config["mlp_ratio"] != 4.0:
+        raise CheckpointError(f"the diffusers layout has MLP ratio 4; this model has {config['mlp_ratio']}")
+    max_size = config["pos_embed_max_size"] or pos_embed_max_size
+    return {
+        "_class_name": "SD3Transformer2DModel",
+        "sample_size": config["input_size"], "patch_size": config["patch_size"],
+        "in_channels": config["in_channels"], "out_channels": config["out_channels"],
+        "num_layers": config["depth"], "num_attention_heads": config["num_heads"],
+        "attention_head_dim": config["hidden_size"] // config["num_heads"],
+        "joint_attention_dim": config["context_dim"], "caption_projection_dim": config["hidden_size"],
+        "pooled_projection_dim": config["pooled_dim"], "pos_embed_max_size": max_size,
+        "dual_attention_layers": list(config["dual_attention_layers"]),
+        "qk_norm": DIFFUSERS_QK_NORM[config["qk_norm"]],
+        "_rectflow_config": config,
+    }
+
+
+def save_diffusers(model: MMDiT, folder, pos_embed_max_size: int | None = None) -> None:
+    """Write a diffusers SD3Transformer2DModel folder (config.json + diffusion_pytorch_model.safetensors).
+
+    diffusers always crops a fixed table; a model that computes positions on the fly gets its grid materialised as
+    a pos_embed_max_size^2 table, which must then be given.
+    """
+    folder = Path(folder)
+    sd = dict(model.state_dict())
+    if model.pos_embed is None:
+        if pos_embed_max_size is None:
+            raise CheckpointError("this model computes positions on the fly; the diffusers layout needs a fixed "
+                                  "table: pass pos_embed_max_size (--pos-embed-max-size), the largest token side")
+        m = pos_embed_max_size
+        sd["pos_embed"] = model._grid_embedding(m, m, total=m).unsqueeze(0).to(model.x_embedder.proj.weight.dtype)
+    config = diffusers_config(model.config, pos_embed_max_size)
+    _atomic_save(to_diffusers_state_dict(sd), folder / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
+    _atomic_write_text(json.dumps(config, indent=2) + "\n", folder / "config.json")
+
+
+def _read_diffusers_weights(folder: Path, allow_pickle: bool) -> dict:
+    """The state dict of a diffusers model folder: single or sharded safetensors, or (opt-in) a pickle .bin."""
+    if (folder / DIFFUSERS_WEIGHTS).is_file():
+        return _read_safetensors(folder / DIFFUSERS_WEIGHTS)[0]
+    if (folder / DIFFUSERS_INDEX).is_file():
+        weight_map = json.loads((folder / DIFFUSERS_INDEX).read_text())["weight_map"]
+        sd = {}
+        for shard in sorted(set(weight_map.values())):
+            sd.update(_read_safetensors(folder / shard)[0])
+        return sd
+    if (folder / "diffusion_pytorch_model.bin").is_file():
+        return _read_pickle(folder / "diffusion_pytorch_model.bin", allow_pickle)
+    raise CheckpointError(f"{folder} has no {DIFFUSERS_WEIGHTS} (nor a sharded index or .bin)")
+
+
+def load_diffusers(folder, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MMDiT:
+    """An MMDiT from a diffusers SD3Transformer2DModel folder (or a pipeline folder with a transformer/ subfolder)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a diffusers model folder (no config.json)")
+    dconfig = json.loads((folder / "config.json").read_text())
+    sd = from_diffusers_state_dict(_read_diffusers_weights(folder, allow_pickle), source=folder)
+    config = dconfig.get("_rectflow_config")
+    if config is None:
+        config = infer_config(sd, source=folder, num_heads=dconfig.get("num_attention_heads"),
+                              input_size=dconfig.get("sample_size"))
+        projection = dconfig.get("caption_projection_dim", config["hidden_size"])
+        if projection != config["hidden_size"]:
+            raise CheckpointError(f"{folder}: caption_projection_dim {projection} differs from the hidden size "
+                                  f"{config['hidden_size']}; MM-DiT needs them equal")
+    elif config.get("pos_embed_max_size") is None:
+        sd.pop("pos_embed", None)  # the table was materialised on export; this model computes it
+    return build_model(config, sd, folder, dtype)
+
+
+# ----- command line ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `rectflow convert`."""
+    parser.add_argument("src", help="a released SD3/SD3.5 or rectflow .safetensors file, or a diffusers folder")
+    parser.add_argument("dst", help="output file (rectflow, sd3) or folder (diffusers)")
+    parser.add_argument("--to", choices=["rectflow", "diffusers", "sd3"], default=None,
+                        help="output layout; unset: rectflow for a .safetensors dst, else diffusers")
+    parser.add_argument("--prefix", action="store_true",
+                        help="with --to sd3: put the keys under model.diffusion_model. as the released files do")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast the weights; unset keeps the stored dtype")
+    parser.add_argument("--pos-embed-max-size", type=int, default=None,
+                        help="with --to diffusers, for models without a position table: the table side to write")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow .ckpt/.pt/.bin sources (loaded with torch.load(weights_only=True))")
+
+
+def run(args) -> int:
+    """Convert args.src to args.dst."""
+    to = args.to or ("rectflow" if str(args.dst).endswith(".safetensors") else "diffusers")
+    if args.prefix and to != "sd3":
+        print("rectflow convert: error: --prefix only applies to --to sd3", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.src, dtype=DTYPES.get(args.dtype), allow_pickle=args.allow_pickle)
+        if to == "rectflow":
+            save_model(model, args.dst)
+        elif to == "sd3":
+            save_released(model, args.dst, prefix=args.prefix)
+        else:
+            save_diffusers(model, args.dst, pos_embed_max_size=args.pos_embed_max_size)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"rectflow convert: error: {err}", file=sys.stderr)
+        return 1
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.dst} ({to} layout, {n / 1e6:.1f}M parameters, config {json.dumps(model.config)})")
+    return 0
