@@ -1,0 +1,253 @@
+"""The training configuration: one dataclass, read from YAML, overridden from the command line.
+
+Every field carries its help text, which `rectflow train --help` and docs/training.md show. Precedence, lowest first:
+the defaults below (a recipe that learns fast on 2 CPU cores), a YAML file (`--config`), direct flags (`--lr 3e-4`),
+then `--set key=value` overrides in order. Unknown keys and badly typed values are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its help text (and allowed values) in the metadata."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (the run directory is given separately, `--out`)."""
+
+    # data and conditioning
+    data: str = _f("shapes", "training data: 'shapes' (procedural scenes), 'emoji' (Noto glyphs) or a folder of "
+                             "images with captions")
+    data_options: dict = _f({}, "extra keyword arguments for the data set (see rectflow.data.get_dataset)")
+    resolution: int = _f(32, "image side in pixels (square); the latent side is resolution / autoencoder factor")
+    text_encoder: str = _f("minilm", "text encoder spec: 'minilm' or 'sd3:clip_l=DIR,clip_g=DIR,t5=DIR'")
+    autoencoder: str = _f("identity", "autoencoder spec: 'identity' (pixel space), 'sd3-vae:DIR' or "
+                                      "'small:PATH.safetensors'")
+    text_drop: float = _f(0.464, "probability of zeroing each text encoder's output, independently per sample "
+                                 "(PAPER 4: 46.4%); also what classifier-free guidance relies on")
+    # the forward process (PAPER 1-3, 5)
+    formulation: str = _f("rf/lognorm(0.00, 1.00)", "forward process and loss, any name of PAPER 1-3 "
+                                                    "(e.g. rf, rf/lognorm(0.00, 1.00), rf/mode(1.29), eps/linear, "
+                                                    "v/cos, edm(0.00, 0.60), edm/rf)")
+    shift: float = _f(1.0, "resolution-dependent timestep shift alpha applied to training t (PAPER 5; "
+                           "SD3 uses 3.0 at 1024px); also the default shift of sample grids")
+    # the model (PAPER 4)
+    depth: int = _f(6, "number of MM-DiT blocks d")
+    hidden: int | None = _f(192, "hidden size; null means 64 * depth as in the paper")
+    heads: int | None = _f(3, "attention heads; null means depth (head dim 64) as in the paper")
+    patch_size: int = _f(4, "side of the square patches cut from the latent (the paper uses 2 on 32x32 latents)")
+    qk_norm: str = _f("rms", "normalisation of queries and keys per head (PAPER 4)", ("none", "rms", "ln"))
+    grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass (less memory, slower)")
+    # optimisation
+    batch_size: int = _f(64, "global batch size (all processes and accumulation micro-steps together)")
+    grad_accum: int = _f(1, "gradient accumulation: micro-steps per optimizer step")
+    max_steps: int = _f(1500, "optimizer steps to train")
+    lr: float = _f(1e-3, "AdamW peak learning rate (the paper: 1e-4 at batch 1024)")
+    warmup_steps: int = _f(100, "linear learning-rate warm-up steps (the paper: 1000)")
+    lr_schedule: str = _f("cosine", "learning rate after warm-up: constant, or cosine decay to min_lr at max_steps",
+                          ("constant", "cosine"))
+    min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
+    betas: list = _f([0.9, 0.999], "AdamW betas [beta1, beta2]")
+    adam_eps: float | None = _f(None, "AdamW epsilon; null means 1e-15 with qk_norm (PAPER 4) and 1e-8 without")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+    bf16: bool = _f(True, "bfloat16 autocast for the model's forward pass, on CPU and GPU (weights and optimizer "
+                          "stay float32)")
+    ema_decay: float = _f(0.999, "decay of the exponential moving average of the weights (the paper: 0.99)")
+    ema_every: int = _f(1, "update the EMA every N optimizer steps (the paper: every 100)")
+    ema_warmup: bool = _f(True, "use decay min(ema_decay, (1 + k) / (10 + k)) at the k-th EMA update, so the EMA of a "
+                                "short run is not dominated by the initial weights; off for the paper's setting")
+    max_bad_steps: int = _f(20, "abort after this many non-finite losses (or gradient norms) in a row; each one "
+                                "skips its step")
+    seed: int = _f(0, "seed of the model init, the data order and all training noise")
+    device: str = _f("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; under torchrun each "
+                             "process uses cuda:LOCAL_RANK")
+    # bookkeeping
+    checkpoint_every: int = _f(500, "write a checkpoint every N steps (and always at the end); 0: only at the end")
+    keep_last: int = _f(2, "keep the newest N checkpoints, delete older ones")
+    log_every: int = _f(10, "write TensorBoard scalars and refresh the progress bar every N steps "
+                            "(metrics.jsonl gets every step)")
+    sample_every: int = _f(500, "write a sample grid of sample_prompts every N steps (and at the end); 0: never")
+    sample_prompts: list | None = _f(None, "prompts of the sample grids; null means a fixed set chosen for the data")
+    sample_steps: int = _f(25, "solver steps of the sample grids")
+    sample_solver: str = _f("euler", "solver of the sample grids", ("euler", "heun", "dpmpp_2m"))
+    sample_cfg: float = _f(3.0, "classifier-free guidance scale of the sample grids")
+    cache_dir: str | None = _f(None, "folder for cached text features (one file per caption) and latents, shareable "
+                                     "between runs; null: text features in memory only, latents in <run>/cache")
+
+    def validate(self) -> "TrainConfig":
+        """Check value ranges and choices; raise ValueError naming the field."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"config key {f.name!r}: expected one of {list(choices)}, got {value!r}")
+        positive = ["resolution", "depth", "patch_size", "batch_size", "grad_accum", "ema_every", "max_bad_steps",
+                    "keep_last", "log_every", "sample_steps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"config key {name!r}: expected a positive integer, got {getattr(self, name)!r}")
+        for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "grad_clip", "min_lr",
+                     "weight_decay", "shift"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"config key 'lr': expected a value > 0, got {self.lr!r}")
+        if not self.shift > 0:
+            raise ValueError(f"config key 'shift': expected a value > 0, got {self.shift!r}")
+        if not 0.0 <= self.text_drop <= 1.0:
+            raise ValueError(f"config key 'text_drop': expected a probability in [0, 1], got {self.text_drop!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"config key 'ema_decay': expected a value in [0, 1), got {self.ema_decay!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"config key 'betas': expected two values in [0, 1), got {self.betas!r}")
+        if self.adam_eps is not None and self.adam_eps <= 0:
+            raise ValueError(f"config key 'adam_eps': expected a value > 0 or null, got {self.adam_eps!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"config key 'batch_size': {self.batch_size} is not divisible by "
+                             f"grad_accum = {self.grad_accum}")
+        return self
+
+    @property
+    def effective_adam_eps(self) -> float:
+        """AdamW epsilon: the paper pairs QK-normalisation with eps = 1e-15 (PAPER 4)."""
+        if self.adam_eps is not None:
+            return self.adam_eps
+        return 1e-15 if self.qk_norm != "none" else 1e-8
+
+    def to_dict(self) -> dict:
+        """Plain dict (YAML/JSON-serialisable), fields in declaration order."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """Build from a dict, checking every key and value type; errors name `source` and the key."""
+        return apply_dict(cls(), d, source)
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML with each field's help as a comment above it."""
+        lines = ["# rectflow training configuration (docs/training.md)"]
+        for f in dataclasses.fields(self):
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(_yaml_line(f.name, _plain(getattr(self, f.name))))
+        Path(path).write_text("\n".join(lines) + "\n")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _yaml_line(name: str, value) -> str:
+    """'name: value' with lists and dicts in flow style ([0.9, 0.999])."""
+    if isinstance(value, (list, dict)):
+        return f"{name}: {yaml.safe_dump(value, default_flow_style=True, width=1000).strip()}"
+    return yaml.safe_dump({name: value}, sort_keys=False, width=1000).strip()
+
+
+def _plain(value):
+    """Lists and dicts as plain copies (no shared references between configs)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def field_type(name: str):
+    """The declared type of a field, with Optional unwrapped: (base type, accepts None)."""
+    hints = typing.get_type_hints(TrainConfig)
+    tp = hints[name]
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def coerce(name: str, value: Any, source: str = "config") -> Any:
+    """Check `value` against field `name`'s type (ints are accepted for floats); raise ValueError naming the key."""
+    if name not in FIELDS:
+        close = [k for k in FIELDS if k.startswith(name[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"{source}: unknown config key {name!r}{hint}; known keys: {', '.join(FIELDS)}")
+    tp, nullable = field_type(name)
+    if value is None:
+        if nullable:
+            return None
+        raise ValueError(f"{source}: config key {name!r} cannot be null (expected {tp.__name__})")
+    base = typing.get_origin(tp) or tp
+    if base is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, (list, tuple)),
+        dict: lambda v: isinstance(v, dict),
+    }[base](value)
+    if not ok:
+        raise ValueError(f"{source}: config key {name!r} expects {base.__name__}"
+                         f"{' or null' if nullable else ''}, got {value!r} ({type(value).__name__})")
+    if base is float:
+        return float(value)
+    return _plain(value)
+
+
+def apply_dict(cfg: TrainConfig, d: dict, source: str = "config") -> TrainConfig:
+    """Return a copy of `cfg` with the keys of `d` replaced (type-checked)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a mapping of config keys, got {type(d).__name__}")
+    changes = {k: coerce(k, v, source) for k, v in d.items()}
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value parsed as YAML); 'data_options.k=v' sets one entry of a dict field."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {text!r}: value of {key!r} is not valid YAML ({err})") from None
+    return key, value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `--set key=value` strings in order."""
+    for text in overrides:
+        key, value = parse_override(text)
+        if "." in key:
+            top, sub = key.split(".", 1)
+            if top in FIELDS and field_type(top)[0] is dict:
+                value = {**getattr(cfg, top), sub: value}
+                key = top
+        cfg = apply_dict(cfg, {key: value}, source=f"--set {text}")
+    return cfg
+
+
+def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML config file over `base` (default: the defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path) as fh:
+        d = yaml.safe_load(fh) or {}
+    return apply_dict(base or TrainConfig(), d, source=str(path))

@@ -1,0 +1,317 @@
+"""Generate images from prompts: `rectflow sample --run runs/first --prompt "a red circle" --out red.png`.
+
+The data path (STYLE.md): prompts -> text encoder -> noise -> time grid -> solver (with classifier-free guidance) ->
+model -> autoencoder decode -> PNG files. The model comes from a training run (`--run DIR`: its config.yaml and
+latest checkpoint) or a weights file (`--checkpoint FILE`: rectflow safetensors carry their training config in the
+metadata; a released SD3 file needs --text-encoder and --autoencoder). Every PNG carries its prompt and the settings
+in its text metadata; the grid is captioned.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+DEFAULTS_FOR_RELEASED = {"formulation": "rf", "shift": 3.0, "schedule": "sd3"}  # PAPER 6: released inference settings
+
+
+@dataclass
+class Pipeline:
+    """What sampling needs: the network, its forward process, text encoder and autoencoder, and the image side."""
+
+    model: torch.nn.Module
+    formulation: object
+    text_encoder: object
+    autoencoder: object
+    resolution: int
+    train_config: dict = field(default_factory=dict)
+    source: str = ""
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent."""
+        side = self.resolution // self.autoencoder.factor
+        return (self.autoencoder.channels, side, side)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives."""
+        return next(self.model.parameters()).device
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_weights(run: str | None = None, checkpoint: str | None = None, weights: str = "ema") -> Path:
+    """The safetensors file to load: a run's latest checkpoint, a checkpoint directory, or a file."""
+    from rectflow.train import find_checkpoint
+    name = {"ema": "ema.safetensors", "raw": "model.safetensors"}[weights]
+    if run is not None:
+        ck = find_checkpoint(run)
+        if ck is None:
+            raise FileNotFoundError(f"run {run} has no complete checkpoint (checkpoints/latest or step_N missing)")
+        return ck / name
+    if checkpoint is None:
+        raise ValueError("give --run DIR or --checkpoint FILE")
+    path = Path(checkpoint)
+    if path.is_dir():
+        candidates = [path / name, path / "model.safetensors"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None and (path / "config.json").is_file():
+            return path  # a diffusers folder
+        if found is None:
+            raise FileNotFoundError(f"{path} holds neither {name} nor model.safetensors nor a diffusers config.json")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata (empty for files without it)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata() or {}
+
+
+def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """(MM-DiT, training config dict or {}) from a rectflow weights file or a released SD3 single file."""
+    from rectflow.checkpoints import load_model as load_weights
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    model = load_weights(path)
+    train_config = json.loads(meta["rectflow.train_config"]) if "rectflow.train_config" in meta else {}
+    return model.to(device).eval().requires_grad_(False), train_config
+
+
+def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights: str = "ema", device="cpu",
+                  formulation: str | None = None, text_encoder: str | None = None, autoencoder: str | None = None,
+                  resolution: int | None = None) -> Pipeline:
+    """Everything needed to sample, from a run or a weights file; explicit arguments override the run's config."""
+    from rectflow.autoencoder import load_autoencoder
+    from rectflow.flow import Formulation
+    from rectflow.text import load_text_encoder
+    path = resolve_weights(run, checkpoint, weights)
+    model, cfg = load_model(path, device)
+    if run is not None and (Path(run) / "config.yaml").is_file():
+        import yaml
+        cfg = {**cfg, **(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {})}
+    text_spec = text_encoder or cfg.get("text_encoder")
+    if text_spec is None:
+        raise ValueError(f"{path} carries no training config: give --text-encoder (e.g. 'sd3:clip_l=DIR,clip_g=DIR,"
+                         f"t5=DIR') and --autoencoder (e.g. 'sd3-vae:DIR')")
+    ae = load_autoencoder(autoencoder or cfg.get("autoencoder", "identity")).to(device).eval()
+    text = load_text_encoder(text_spec).to(device).eval()
+    form = Formulation.from_name(formulation or cfg.get("formulation", DEFAULTS_FOR_RELEASED["formulation"]))
+    side = resolution or cfg.get("resolution") or model.config["input_size"] * ae.factor
+    _check_conditioning(model, text, path)
+    return Pipeline(model, form, text, ae, int(side), cfg, source=str(path))
+
+
+def _check_conditioning(model, text, path) -> None:
+    """The text encoder's widths must match what the model was trained with."""
+    mc = model.config
+    if (mc["context_dim"], mc["pooled_dim"]) != (text.context_dim, text.pooled_dim):
+        raise ValueError(f"{path}: model expects context/pooled widths {mc['context_dim']}/{mc['pooled_dim']}, the "
+                         f"text encoder gives {text.context_dim}/{text.pooled_dim}; pass the matching --text-encoder")
+
+
+# ---------------------------------------------------------------- generation
+
+
+def keep_encoders(text_encoder, context: torch.Tensor, pooled: torch.Tensor,
+                  names) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the outputs of every encoder not in `names` (PAPER 4: any subset can be used at inference)."""
+    if names is None:
+        return context, pooled
+    known = list(text_encoder.encoder_names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--encoders: unknown or unloaded encoder(s) {unknown}; this text encoder has {known}")
+    context, pooled = context.clone(), pooled.clone()
+    for name, part in text_encoder.parts.items():
+        if name not in names:  # each encoder fills its own slice of context and pooled (rectflow.text.Part)
+            context[:, part.seq, part.channels] = 0
+            pooled[:, part.pooled] = 0
+    return context, pooled
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = "euler", cfg_scale: float = 4.0,
+             shift: float = 1.0, schedule: str = "linear", seed: int = 0, batch_size: int = 8, encoders=None,
+             bf16: bool = False, progress: bool = False) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] for the prompts; image i starts from noise seeded by seed + i."""
+    from rectflow.sampling import guided, sample
+    device, out = pipe.device, []
+    chunks = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm import tqdm
+        chunks = tqdm(chunks, unit="batch", desc="sampling")
+    for lo in chunks:
+        batch = prompts[lo:lo + batch_size]
+        context, pooled = pipe.text_encoder.encode(batch)
+        context, pooled = keep_encoders(pipe.text_encoder, context, pooled, encoders)
+        noise = torch.stack([torch.randn(pipe.latent_shape(), generator=torch.Generator().manual_seed(seed + lo + i))
+                             for i in range(len(batch))]).to(device)
+        net = guided(pipe.model, context.to(device), pooled.to(device), cfg_scale)
+
+        def model_fn(z, t):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return net(z, t).float()
+
+        x0 = sample(model_fn, pipe.formulation, noise, steps=steps, solver=solver, shift=shift, schedule=schedule)
+        out.append(pipe.autoencoder.decode(x0).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- files
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> RGB image."""
+    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+def _png_info(fields: dict) -> PngInfo:
+    """PNG text chunks: strings as they are, anything else as JSON."""
+    info = PngInfo()
+    for k, v in fields.items():
+        info.add_text(k, v if isinstance(v, str) else json.dumps(v))
+    return info
+
+
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
+    """Greedy word wrap to a pixel width."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines
+
+
+def make_grid(images: list[Image.Image], captions: list[str], tile: int = 128, columns: int | None = None,
+              caption_lines: int = 3) -> Image.Image:
+    """Images scaled (nearest) to tile x tile, each with its caption below, on a white sheet."""
+    n = len(images)
+    columns = columns or min(n, 8, max(1, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / columns)
+    font = ImageFont.load_default(size=11)
+    line_h = 13
+    cap_h = caption_lines * line_h + 4
+    pad = 4
+    sheet = Image.new("RGB", (columns * (tile + pad) + pad, rows * (tile + cap_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (img, caption) in enumerate(zip(images, captions)):
+        r, c = divmod(i, columns)
+        x, y = pad + c * (tile + pad), pad + r * (tile + cap_h + pad)
+        sheet.paste(img.resize((tile, tile), Image.NEAREST), (x, y))
+        lines = _wrap(caption, draw, font, tile)
+        if len(lines) > caption_lines:
+            lines = lines[:caption_lines - 1] + [lines[caption_lines - 1] + " ..."]
+        for k, line in enumerate(lines):
+            draw.text((x, y + tile + 2 + k * line_h), line, fill="black", font=font)
+    return sheet
+
+
+def save_images(images: torch.Tensor, prompts: list[str], out: str | Path, settings: dict,
+                singles: bool = True) -> Image.Image:
+    """Write the captioned grid to `out` and (singles=True) each image beside it as <stem>_NNN.png."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pils = [to_pil(img) for img in images]
+    if singles:
+        for i, (img, prompt) in enumerate(zip(pils, prompts)):
+            seed = settings.get("seed", 0) + i
+            img.save(out.with_name(f"{out.stem}_{i:03d}.png"),
+                     pnginfo=_png_info({"prompt": prompt, "rectflow": {**settings, "seed": seed}}))
+    grid = make_grid(pils, prompts)
+    grid.save(out, pnginfo=_png_info({"prompts": prompts, "rectflow": settings}))
+    return grid
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`rectflow sample` options."""
+    src = parser.add_argument_group("model")
+    src.add_argument("--run", default=None, help="a training run directory: its config.yaml and latest checkpoint")
+    src.add_argument("--checkpoint", default=None, help="a weights file (rectflow safetensors or a released SD3 file) "
+                     "or a checkpoint directory")
+    src.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights of a run")
+    src.add_argument("--formulation", default=None, help="forward process (default: the run's; rf for released files)")
+    src.add_argument("--text-encoder", default=None, help="text encoder spec (default: the run's)")
+    src.add_argument("--autoencoder", default=None, help="autoencoder spec (default: the run's)")
+    src.add_argument("--encoders", default=None, help="comma-separated subset of the text encoders to use, e.g. "
+                     "clip_l,clip_g for SD3 without T5; absent ones give zeros (default: all)")
+    p = parser.add_argument_group("prompts and output")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--out", default="samples/grid.png", help="the captioned grid; single images are written beside "
+                   "it as <stem>_NNN.png")
+    s = parser.add_argument_group("sampler")
+    s.add_argument("--steps", type=int, default=28, help="solver steps")
+    s.add_argument("--solver", choices=("euler", "heun", "dpmpp_2m"), default="euler", help="ODE solver")
+    s.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = no guidance)")
+    s.add_argument("--shift", type=float, default=None, help="time-grid shift alpha (default: the run's training "
+                   "shift; 3.0 for released files)")
+    s.add_argument("--schedule", choices=("linear", "sd3"), default=None, help="time grid: linear, or sd3 (the "
+                   "released samplers' grid, PAPER 6); default linear for runs, sd3 for released files")
+    s.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded by seed + i")
+    s.add_argument("--batch-size", type=int, default=8, help="images per model batch")
+    s.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the run's)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+
+
+def read_prompts(args) -> list[str]:
+    """--prompt values then --prompts-file lines (blank lines skipped)."""
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def run(args) -> int:
+    """Entry point of `rectflow sample`."""
+    if (args.run is None) == (args.checkpoint is None):
+        print("rectflow sample: give exactly one of --run DIR or --checkpoint FILE", file=sys.stderr)
+        return 2
+    try:
+        prompts = read_prompts(args)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        pipe = load_pipeline(args.run, args.checkpoint, args.weights, device, args.formulation, args.text_encoder,
+                             args.autoencoder, args.resolution)
+        released = not pipe.train_config
+        shift = args.shift if args.shift is not None else (
+            DEFAULTS_FOR_RELEASED["shift"] if released else pipe.train_config.get("shift", 1.0))
+        schedule = args.schedule or (DEFAULTS_FOR_RELEASED["schedule"] if released else "linear")
+        encoders = [e.strip() for e in args.encoders.split(",") if e.strip()] if args.encoders else None
+        settings = {"steps": args.steps, "solver": args.solver, "cfg_scale": args.cfg_scale, "shift": shift,
+                    "schedule": schedule, "seed": args.seed}
+        images = generate(pipe, prompts, batch_size=args.batch_size, encoders=encoders, bf16=args.bf16,
+                          progress=True, **settings)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rectflow sample: {err}", file=sys.stderr)
+        return 2
+    meta = {**settings, "weights": args.weights, "source": pipe.source, "formulation": pipe.formulation.name,
+            "encoders": encoders or list(pipe.text_encoder.encoder_names), "resolution": pipe.resolution}
+    save_images(images, prompts, args.out, meta)
+    print(f"rectflow sample: wrote {args.out} and {len(prompts)} images beside it", file=sys.stderr)
+    return 0

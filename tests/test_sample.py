@@ -1,0 +1,114 @@
+"""`rectflow sample`: runs and weights files, prompts, seeds, grids with metadata, encoder subsets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rectflow.cli import main
+from rectflow.config import TrainConfig
+from rectflow.sample import generate, load_pipeline, make_grid, read_metadata
+from rectflow.train import find_checkpoint, train
+
+TINY = {"resolution": 16, "patch_size": 4, "depth": 1, "hidden": 64, "heads": 2, "batch_size": 8, "max_steps": 3,
+        "warmup_steps": 1, "sample_every": 0, "checkpoint_every": 0,
+        "data_options": {"categories": ["single_object"]}, "shift": 2.0}
+FAST = ["--steps", "3", "--cfg-scale", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny trained run (3 steps)."""
+    run = tmp_path_factory.mktemp("sample") / "run"
+    train(TrainConfig.from_dict(TINY), run)
+    return run
+
+
+def test_sample_run_writes_grid_singles_and_metadata(run_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--run", str(run_dir), "--prompt", "a red circle", "--prompt", "two blue squares",
+                 "--out", str(out), "--seed", "5", *FAST]) == 0
+    grid = Image.open(out)
+    meta = json.loads(grid.text["rectflow"])
+    assert json.loads(grid.text["prompts"]) == ["a red circle", "two blue squares"]
+    assert meta["steps"] == 3 and meta["cfg_scale"] == 2.0 and meta["seed"] == 5 and meta["weights"] == "ema"
+    assert meta["shift"] == 2.0  # the run's training shift by default
+    singles = sorted(tmp_path.glob("grid_*.png"))
+    assert [p.name for p in singles] == ["grid_000.png", "grid_001.png"]
+    one = Image.open(singles[1])
+    assert one.size == (16, 16) and one.text["prompt"] == "two blue squares"
+    assert json.loads(one.text["rectflow"])["seed"] == 6  # image i uses seed + i
+    assert grid.size[0] > 128 and grid.size[1] > 128  # tiles are scaled up and captioned
+
+
+def test_prompts_file_checkpoint_file_and_raw_weights(run_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n\nthree green triangles\n")
+    ck = find_checkpoint(run_dir)
+    out = tmp_path / "c.png"
+    assert main(["sample", "--checkpoint", str(ck / "model.safetensors"), "--prompts-file", str(prompts),
+                 "--out", str(out), *FAST]) == 0
+    assert json.loads(Image.open(out).text["prompts"]) == ["a red circle", "three green triangles"]
+    meta = read_metadata(ck / "ema.safetensors")
+    assert json.loads(meta["rectflow.train_config"])["depth"] == 1
+    # raw and EMA weights differ after 3 steps, so their images differ
+    raw = load_pipeline(run=str(run_dir), weights="raw")
+    ema = load_pipeline(run=str(run_dir), weights="ema")
+    a = generate(raw, ["a red circle"], steps=3)
+    b = generate(ema, ["a red circle"], steps=3)
+    assert not torch.equal(a, b)
+
+
+def test_seed_and_batch_size(run_dir):
+    pipe = load_pipeline(run=str(run_dir))
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    a = generate(pipe, prompts, steps=3, seed=1, batch_size=3)
+    b = generate(pipe, prompts, steps=3, seed=1, batch_size=1)
+    c = generate(pipe, prompts, steps=3, seed=2, batch_size=3)
+    assert a.shape == (3, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # noise is per image, not per batch
+    assert (a - c).abs().max() > 0.05
+    # image i of seed s is image 0 of seed s + i
+    d = generate(pipe, prompts[1:2], steps=3, seed=2)
+    torch.testing.assert_close(a[1:2], d, atol=1e-4, rtol=0)
+
+
+def test_solvers_and_guidance_change_the_output(run_dir):
+    pipe = load_pipeline(run=str(run_dir))
+    base = generate(pipe, ["a red circle"], steps=3, cfg_scale=1.0)
+    for kw in ({"solver": "heun"}, {"solver": "dpmpp_2m"}, {"cfg_scale": 5.0}, {"shift": 3.0},
+               {"schedule": "sd3"}):
+        assert not torch.equal(base, generate(pipe, ["a red circle"], steps=3, cfg_scale=kw.pop("cfg_scale", 1.0),
+                                              **kw)), kw
+
+
+def test_encoder_subset(run_dir):
+    pipe = load_pipeline(run=str(run_dir))
+    names = list(pipe.text_encoder.encoder_names)
+    full = generate(pipe, ["a red circle"], steps=3, cfg_scale=1.0)
+    same = generate(pipe, ["a red circle"], steps=3, cfg_scale=1.0, encoders=names)
+    assert torch.equal(full, same)
+    none = generate(pipe, ["a red circle"], steps=3, cfg_scale=1.0, encoders=[])
+    other = generate(pipe, ["a blue square"], steps=3, cfg_scale=1.0, encoders=[])
+    assert torch.equal(none, other)  # no encoder: the prompt cannot matter
+    with pytest.raises(ValueError, match="'t5'"):
+        generate(pipe, ["a red circle"], steps=3, encoders=["t5"])
+
+
+def test_errors_name_the_problem(run_dir, tmp_path, capsys):
+    assert main(["sample", "--run", str(run_dir), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no prompts" in capsys.readouterr().err
+    assert main(["sample", "--run", str(tmp_path / "nope"), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert main(["sample", "--prompt", "a"]) == 2
+    assert "exactly one of --run" in capsys.readouterr().err
+
+
+def test_make_grid_layout():
+    imgs = [Image.new("RGB", (16, 16), c) for c in ("red", "blue", "green", "black", "white")]
+    grid = make_grid(imgs, ["a long caption that needs wrapping over lines"] * 5, tile=64)
+    assert grid.size[0] == 3 * (64 + 4) + 4  # ceil(sqrt(5)) = 3 columns
+    assert grid.getpixel((4 + 10, 4 + 10)) == (255, 0, 0)

@@ -1,0 +1,367 @@
+"""The trainer: config parsing, schedules, EMA maths, checkpoints, exact resume after SIGKILL, non-finite steps."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rectflow import train as train_mod
+from rectflow.config import TrainConfig, apply_overrides, load_config
+from rectflow.train import (
+    TrainingAborted,
+    ema_decay_at,
+    ema_update,
+    find_checkpoint,
+    load_state,
+    lr_at,
+    step_indices,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# a model small enough that a step takes milliseconds: 16 px, patch 4 (16 tokens), one block of width 64; one-object
+# scenes only, so there are 18 distinct captions to encode
+TINY = {"resolution": 16, "patch_size": 4, "depth": 1, "hidden": 64, "heads": 2, "batch_size": 8,
+        "warmup_steps": 2, "log_every": 1, "sample_every": 0, "checkpoint_every": 0,
+        "data_options": {"categories": ["single_object"]}}
+TINY_FLAGS = ["--resolution", "16", "--patch-size", "4", "--depth", "1", "--hidden", "64", "--heads", "2",
+              "--batch-size", "8", "--warmup-steps", "2", "--log-every", "1",
+              "--set", "data_options.categories=[single_object]"]
+
+
+def tiny(**changes) -> TrainConfig:
+    """The tiny config with changes."""
+    return TrainConfig.from_dict({**TINY, **changes})
+
+
+def losses(run_dir: Path) -> list:
+    """The loss of every step in metrics.jsonl, in order (None for skipped steps)."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, len(recs) + 1))
+    return [r["loss"] for r in recs]
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_override_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="'lrr'"):
+        apply_overrides(TrainConfig(), ["lrr=1e-3"])
+    with pytest.raises(ValueError, match="'lr' expects float"):
+        apply_overrides(TrainConfig(), ["lr=fast"])
+    with pytest.raises(ValueError, match="'depth' expects int"):
+        apply_overrides(TrainConfig(), ["depth=2.5"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        apply_overrides(TrainConfig(), ["depth"])
+    with pytest.raises(ValueError, match="'qk_norm'.*'rms'"):
+        apply_overrides(TrainConfig(), ["qk_norm=rmsnorm"]).validate()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 1e-3\nbatchsize: 4\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml.*'batchsize'"):
+        load_config(bad)
+
+
+def test_cli_rejects_bad_override(tmp_path, capsys):
+    from rectflow.cli import main
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "emma_decay=0.9"]) == 2
+    assert "'emma_decay'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_override_precedence_and_values(tmp_path):
+    import argparse
+
+    from rectflow.train import add_arguments, config_from_args
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 0.002\ndepth: 3\nbetas: [0.9, 0.95]\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", str(cfg_file), "--depth", "4", "--set", "depth=5", "--no-bf16",
+                              "--set", "data_options.categories=[counting]", "--hidden", "128",
+                              "--set", "heads=null"])
+    cfg = config_from_args(args)
+    assert cfg.lr == 0.002 and cfg.depth == 5 and cfg.betas == [0.9, 0.95] and cfg.bf16 is False
+    assert cfg.data_options == {"categories": ["counting"]} and cfg.hidden == 128 and cfg.heads is None
+    assert TrainConfig().effective_adam_eps == 1e-15  # qk-norm on: the paper's eps
+    assert apply_overrides(TrainConfig(), ["qk_norm=none"]).effective_adam_eps == 1e-8
+
+
+def test_help_documents_every_field():
+    import argparse
+
+    from rectflow.config import FIELDS
+    from rectflow.train import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = parser.format_help()
+    docs = (ROOT / "docs" / "training.md").read_text()
+    for name in FIELDS:
+        assert f"`{name}`" in docs, f"docs/training.md does not document {name}"
+        if name != "data_options":  # a dict: only through the config file or --set
+            assert "--" + name.replace("_", "-") in text, name
+
+
+def test_shipped_configs_load():
+    from rectflow.demo import DEMO_RECIPE, recipe
+    for path in (ROOT / "configs").glob("*.yaml"):
+        load_config(path).validate()
+    assert load_config(ROOT / "configs" / "demo.yaml") == recipe()
+    assert set(DEMO_RECIPE) <= set(TrainConfig().to_dict())
+
+
+# ---------------------------------------------------------------- schedules, EMA, data order
+
+
+def test_lr_schedule():
+    cfg = tiny(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine", min_lr=1e-5)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr_at(110, cfg) == pytest.approx(1e-5)
+    const = tiny(lr=1e-3, warmup_steps=0, lr_schedule="constant")
+    assert lr_at(0, const) == lr_at(1000, const) == 1e-3
+
+
+def test_ema_update_maths():
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
+    assert ema_decay_at(0, 0.999, warmup=True) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.999, warmup=True) == pytest.approx(91 / 100)
+    assert ema_decay_at(10**6, 0.999, warmup=True) == 0.999
+    assert ema_decay_at(0, 0.99, warmup=False) == 0.99
+
+
+def test_ema_in_training_follows_the_formula(tmp_path):
+    """With ema_every 2 and no warm-up, the EMA is updated on even steps only, with the configured decay."""
+    cfg = tiny(max_steps=2, ema_every=2, ema_decay=0.5, ema_warmup=False, checkpoint_every=1, keep_last=5)
+    train(cfg, tmp_path / "r")
+    from safetensors.torch import load_file
+    ck = tmp_path / "r" / "checkpoints"
+    raw0 = _init_weights(cfg)
+    raw1, ema1 = load_file(ck / "step_00000001/model.safetensors"), load_file(ck / "step_00000001/ema.safetensors")
+    raw2, ema2 = load_file(ck / "step_00000002/model.safetensors"), load_file(ck / "step_00000002/ema.safetensors")
+    for k in raw0:
+        torch.testing.assert_close(ema1[k], raw0[k])  # no update after step 1
+        torch.testing.assert_close(ema2[k], 0.5 * raw0[k] + 0.5 * raw2[k])
+    assert any(not torch.equal(raw1[k], raw0[k]) for k in raw0)
+
+
+def _init_weights(cfg: TrainConfig) -> dict:
+    """The initial weights a run with cfg starts from."""
+    enc = train_mod._frozen_text_encoder(cfg.text_encoder, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    model = train_mod.build_model(cfg, 3, cfg.resolution, enc.context_dim, enc.pooled_dim)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_data_order_is_a_pure_function_of_seed_and_step():
+    n = 10
+    first = [i for s in range(5) for i in step_indices(0, s, 4, n)]  # two epochs of 10
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
+    assert first[:10] != first[10:20]  # each epoch reshuffled
+    assert step_indices(0, 3, 4, n) == step_indices(0, 3, 4, n) != step_indices(1, 3, 4, n)
+    assert step_indices(0, 2, 4, 10**9) == [8, 9, 10, 11]  # endless data sets are read in order
+
+
+# ---------------------------------------------------------------- training behaviour
+
+
+def test_loss_falls_on_shapes(tmp_path):
+    cfg = tiny(max_steps=30, batch_size=16, lr=2e-3, warmup_steps=3, text_drop=0.1)
+    train(cfg, tmp_path / "r")
+    ls = losses(tmp_path / "r")
+    assert len(ls) == 30 and all(math.isfinite(v) for v in ls)
+    assert sum(ls[-5:]) / 5 < 0.7 * sum(ls[:5]) / 5, ls
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert {"lr", "grad_norm", "img_per_s"} <= set(recs[-1])
+    assert (tmp_path / "r" / "config.yaml").is_file() and any((tmp_path / "r" / "tb").iterdir())
+    assert load_config(tmp_path / "r" / "config.yaml") == cfg
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    real = train_mod.compute_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(train_mod, "compute_loss", flaky)
+    cfg = tiny(max_steps=6, checkpoint_every=1, keep_last=10, max_bad_steps=3)
+    train(cfg, tmp_path / "r")
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in recs] == [False, False, True, True, False, False]
+    assert recs[2]["nonfinite"] and recs[2]["bad_loss"] == "nan"
+    ck = tmp_path / "r" / "checkpoints"
+    assert sorted(d.name for d in ck.glob("step_*")) == [f"step_{s:08d}" for s in (1, 2, 5, 6)]
+    state = load_state(ck / "step_00000006")
+    assert state["skipped"] == 2 and state["step"] == 6
+    # a skipped step never reaches the optimizer: AdamW counted 4 updates in 6 steps
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}
+
+
+def test_nonfinite_streak_aborts_with_checkpoint_intact(tmp_path, monkeypatch):
+    real = train_mod.compute_loss
+    calls = {"n": 0}
+
+    def broken(*args, **kw):
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss + float("inf") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(train_mod, "compute_loss", broken)
+    cfg = tiny(max_steps=50, checkpoint_every=2, max_bad_steps=4)
+    with pytest.raises(TrainingAborted, match=r"4 non-finite .*step_00000002"):
+        train(cfg, tmp_path / "r")
+    assert find_checkpoint(tmp_path / "r").name == "step_00000002"
+    assert load_state(find_checkpoint(tmp_path / "r"))["step"] == 2
+    assert len(losses(tmp_path / "r")) == 6
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_stale_temp_and_broken_pointer_do_not_break_loading(tmp_path):
+    run = tmp_path / "r"
+    train(tiny(max_steps=4, checkpoint_every=2, keep_last=2), run)
+    ck = run / "checkpoints"
+    assert sorted(d.name for d in ck.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert (ck / "latest").read_text().strip() == "step_00000004"
+    # a kill during a save leaves a temp dir (and maybe half a file); the pointer still names a complete checkpoint
+    stale = ck / ".tmp-step_00000006-xyz"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 10)
+    (ck / ".tmp-latest-abc").write_text("step_00000006")
+    assert find_checkpoint(run).name == "step_00000004"
+    # a pointer to a missing or incomplete checkpoint falls back to the newest complete one
+    (ck / "latest").write_text("step_00000006\n")
+    assert find_checkpoint(run).name == "step_00000004"
+    (ck / "step_00000008").mkdir()
+    (ck / "step_00000008" / "state.pt").write_bytes(b"junk")
+    assert find_checkpoint(run).name == "step_00000004"
+    # resuming cleans the temp files and continues from step 4
+    train(tiny(max_steps=5, checkpoint_every=2, keep_last=2), run, resume=True)
+    assert not stale.exists() and not (ck / ".tmp-latest-abc").exists()
+    assert find_checkpoint(run).name == "step_00000005"
+    assert load_state(find_checkpoint(run))["step"] == 5
+    assert len(losses(run)) == 5
+
+
+def _train_cmd(run: Path, steps: int, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "rectflow.cli", "train", "--out", str(run), "--max-steps", str(steps),
+           "--checkpoint-every", "3", "--sample-every", "4", "--sample-steps", "2", "--seed", "7", *TINY_FLAGS]
+    return cmd + ["--resume"] if resume else cmd
+
+
+def test_sigkill_resume_is_bit_exact(tmp_path):
+    """A run killed with SIGKILL after a checkpoint and resumed logs exactly the losses of an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 40
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref, steps), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=300)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(run, steps), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    pointer = run / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not (pointer.exists() and pointer.read_text().strip() >= "step_00000006") and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(losses(run))
+    assert killed_at < steps, "the run finished before it was killed"
+    subprocess.run(_train_cmd(run, steps, resume=True), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=300)
+    assert losses(run) == losses(ref)  # bit for bit
+    from safetensors.torch import load_file
+    a = load_file(find_checkpoint(ref) / "ema.safetensors")
+    b = load_file(find_checkpoint(run) / "ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    grids = [sorted(p.name for p in (r / "samples").glob("*.png")) for r in (run, ref)]
+    assert grids[0] == grids[1] and len(grids[0]) == 10
+
+
+def test_latent_training_on_a_folder_with_a_small_autoencoder(tmp_path):
+    """A finite data set (a folder of captioned images) through a small autoencoder: latents encoded once into the
+    cache, every caption's text features computed before the first step."""
+    from PIL import Image
+
+    from rectflow.autoencoder import SmallAE
+    from rectflow.sample import generate, load_pipeline
+    folder = tmp_path / "images"
+    folder.mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 80, 220)}
+    for i, (name, rgb) in enumerate(colours.items()):
+        for j in range(4):
+            Image.new("RGB", (24, 24), rgb).save(folder / f"{name}{j}.png")
+            (folder / f"{name}{j}.txt").write_text(f"a plain {name} square number {j}")
+    torch.manual_seed(0)
+    ae_path = tmp_path / "ae.safetensors"
+    SmallAE(channels=4, factor=2, width=8).save(ae_path)
+    cfg = tiny(data=str(folder), data_options={"val_every": 4}, autoencoder=f"small:{ae_path}", patch_size=2,
+               max_steps=3, checkpoint_every=3, batch_size=4)
+    trainer = train_mod.Trainer(cfg, tmp_path / "r")
+    assert trainer.latent_shape == (4, 8, 8) and len(trainer.dataset) == 9
+    assert trainer.batches.latents.shape == (9, 4, 8, 8)
+    assert set(trainer.text.table) == set(trainer.dataset.captions)  # encoded before step 1
+    trainer.fit()
+    assert len(list((tmp_path / "r" / "cache").glob("latents-*.safetensors"))) == 1
+    assert all(math.isfinite(v) for v in losses(tmp_path / "r"))
+    images = generate(load_pipeline(run=str(tmp_path / "r")), ["a plain red square"], steps=2)
+    assert images.shape == (1, 3, 16, 16)
+
+
+def _run_losses(tmp_path, name: str, **changes) -> list:
+    """Losses of a 3-step tiny run with changes."""
+    train(tiny(**{"max_steps": 3, "warmup_steps": 1, **changes}), tmp_path / name)
+    return losses(tmp_path / name)
+
+
+def test_every_option_acts(tmp_path):
+    """Each training option changes the run as it should (and grad checkpointing / accumulation do not)."""
+    base = _run_losses(tmp_path, "base", bf16=False)
+    assert _run_losses(tmp_path, "again", bf16=False) == base  # deterministic
+    assert _run_losses(tmp_path, "ckpt", bf16=False, grad_checkpointing=True) == base
+    accum = _run_losses(tmp_path, "accum", bf16=False, grad_accum=2)
+    torch.testing.assert_close(torch.tensor(accum), torch.tensor(base), rtol=1e-5, atol=1e-6)
+    # options that act on the data, t, noise, conditioning or the network (the zero-initialised output layer makes
+    # the first loss independent of t and of the network, so some of them show from the second step on)
+    for change in ({"seed": 1}, {"shift": 3.0}, {"formulation": "eps/linear"}, {"bf16": True},
+                   {"text_drop": 0.0}, {"qk_norm": "none"}, {"patch_size": 2}):
+        other = _run_losses(tmp_path, "x", **{"bf16": False, **change})
+        assert other != base, change
+        shutil.rmtree(tmp_path / "x")
+    # options that act through the optimizer, hence from the second step on
+    for change in ({"lr": 3e-3}, {"grad_clip": 0.0}, {"weight_decay": 0.5}, {"betas": [0.5, 0.9]},
+                   {"adam_eps": 1e-2}, {"warmup_steps": 3}):
+        other = _run_losses(tmp_path, "x", **{"bf16": False, **change})
+        assert other[0] == base[0] and other[1:] != base[1:], change
+        shutil.rmtree(tmp_path / "x")
+
+
+def test_sample_grid_options(tmp_path):
+    from PIL import Image
+    prompts = ["a red circle", "a blue square"]
+    train(tiny(max_steps=2, sample_every=2, sample_prompts=prompts, sample_steps=2, sample_solver="heun",
+               sample_cfg=1.5, shift=2.0), tmp_path / "r")
+    grid = Image.open(tmp_path / "r" / "samples" / "step_00000002.png")
+    meta = json.loads(grid.text["rectflow"])
+    assert json.loads(grid.text["prompts"]) == prompts
+    assert (meta["steps"], meta["solver"], meta["cfg_scale"], meta["shift"], meta["weights"]) == (2, "heun", 1.5,
+                                                                                                  2.0, "ema")
