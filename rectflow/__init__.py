@@ -15,7 +15,8 @@ _LAZY = {
     "paper_grid": "rectflow.flow",
     "MMDiT": "rectflow.models.mmdit",
 }
-_SUBMODULES = {"flow", "sampling", "models", "checkpoints", "data", "text", "autoencoder", "train", "evaluate"}
+_SUBMODULES = {"flow", "sampling", "models", "checkpoints", "data", "text", "autoencoder", "config", "train", "sample",
+               "demo", "distributed", "evaluate", "ablate", "studies"}
 
 
 def __getattr__(name: str):
