@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rectflow.models import baselines
 from rectflow.models.mmdit import MMDiT
 
 PREFIX = "model.diffusion_model."
@@ -191,14 +192,23 @@ def check_state_dict(model: torch.nn.Module, sd: dict, source) -> None:
     if misshaped:
         problems.append(f"mis-shaped keys [{len(misshaped)}]: {_listing(misshaped)}")
     if problems:
-        raise CheckpointError(f"{source} does not fit the MM-DiT ({model.config['depth']} blocks, hidden "
+        arch = model.config.get("arch", "mmdit")
+        name = "the MM-DiT" if arch == "mmdit" else f"the {arch} model"
+        raise CheckpointError(f"{source} does not fit {name} ({model.config['depth']} blocks, hidden "
                               f"{model.config['hidden_size']}): " + "; ".join(problems))
 
 
-def build_model(config: dict, sd: dict, source, dtype: torch.dtype | None = None) -> MMDiT:
-    """An MMDiT of `config` holding exactly the tensors of `sd` (checked first; no memory spent on a random init)."""
+def build_model(config: dict, sd: dict, source, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of `config` holding exactly the tensors of `sd` (checked first; no memory spent on a random init):
+    an MMDiT, or the architecture-study baseline its "arch" key names (rectflow.models.baselines)."""
     with torch.device("meta"):
-        model = MMDiT.from_config(config)
+        if "arch" not in config:
+            model = MMDiT.from_config(config)
+        else:
+            try:
+                model = baselines.from_config(config)
+            except (TypeError, ValueError) as err:  # an unknown arch or key: name the file
+                raise CheckpointError(f"{source}: cannot build the stored {config['arch']!r} model ({err})") from err
     check_state_dict(model, sd, source)
     model.load_state_dict(sd, assign=True)
     return model if dtype is None else model.to(dtype)
@@ -214,8 +224,9 @@ def _metadata_config(metadata: dict, source) -> dict | None:
         raise CheckpointError(f"{source}: the rectflow config in the metadata is not valid JSON ({err})") from err
 
 
-def from_single_file(path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MMDiT:
-    """An MMDiT from a released SD3 / SD3.5 single file (config inferred) or a rectflow file (config in metadata)."""
+def from_single_file(path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> torch.nn.Module:
+    """An MMDiT from a released SD3 / SD3.5 single file (config inferred), or the model of a rectflow file (config
+    in metadata; a baseline's has an "arch" key)."""
     sd, metadata = read_released(path, allow_pickle=allow_pickle)
     config = _metadata_config(metadata, path) or infer_config(sd, source=path)
     return build_model(config, sd, path, dtype)
@@ -233,8 +244,9 @@ def save_model(model: MMDiT, path) -> None:
     _atomic_save(model.state_dict(), Path(path), metadata=metadata)
 
 
-def load_model(path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MMDiT:
-    """Load any supported MM-DiT checkpoint: a rectflow or released file, or a diffusers folder."""
+def load_model(path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> torch.nn.Module:
+    """Load any supported checkpoint: a rectflow file (an MM-DiT or a baseline, rectflow.models.baselines), a
+    released file, or a diffusers folder."""
     path = Path(path)
     if path.is_dir():
         return load_diffusers(path, dtype=dtype, allow_pickle=allow_pickle)
@@ -455,6 +467,9 @@ def run(args) -> int:
         return 2
     try:
         model = load_model(args.src, dtype=DTYPES.get(args.dtype), allow_pickle=args.allow_pickle)
+        if "arch" in model.config and to != "rectflow":
+            raise CheckpointError(f"{args.src} holds a {model.config['arch']} model (an architecture-study baseline); "
+                                  f"only MM-DiTs have the {to} layout: use --to rectflow")
         if to == "rectflow":
             save_model(model, args.dst)
         elif to == "sd3":

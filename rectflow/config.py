@@ -16,6 +16,10 @@ from typing import Any
 import yaml
 
 
+# the networks rectflow.models.baselines builds (ARCHITECTURES), listed here so the config needs no torch import
+ARCHS = ("mmdit", "mmdit3", "dit", "crossdit", "uvit")
+
+
 def _f(default, help: str, choices: tuple | None = None):
     """A dataclass field with its help text (and allowed values) in the metadata."""
     meta = {"help": help, "choices": choices}
@@ -45,6 +49,10 @@ class TrainConfig:
     shift: float = _f(1.0, "resolution-dependent timestep shift alpha applied to training t (PAPER 5; "
                            "SD3 uses 3.0 at 1024px); also the default shift of sample grids")
     # the model (PAPER 4)
+    arch: str = _f("mmdit", "network: 'mmdit' (the paper's MM-DiT, as depth, hidden and heads give it) or a baseline "
+                            "of the architecture study (PAPER 4) built at that MM-DiT's parameter count and head "
+                            "count: 'mmdit3' (three weight sets), 'crossdit', 'uvit' or 'dit' "
+                            "(rectflow.models.baselines)", ARCHS)
     depth: int = _f(6, "number of MM-DiT blocks d")
     hidden: int | None = _f(192, "hidden size; null means 64 * depth as in the paper")
     heads: int | None = _f(3, "attention heads; null means depth (head dim 64) as in the paper")

@@ -1,10 +1,11 @@
 """Generate images from prompts: `rectflow sample --run runs/first --prompt "a red circle" --out red.png`.
 
 The data path (STYLE.md): prompts -> text encoder -> noise -> time grid -> solver (with classifier-free guidance) ->
-model -> autoencoder decode -> PNG files. The model comes from a training run (`--run DIR`: its config.yaml and
-latest checkpoint) or a weights file (`--checkpoint FILE`: rectflow safetensors carry their training config in the
-metadata; a released SD3 file needs --text-encoder and --autoencoder). Every PNG carries its prompt and the settings
-in its text metadata; the grid is captioned.
+model -> autoencoder decode -> PNG files. The model (an MM-DiT, or any `arch` of rectflow.models.baselines) comes
+from a training run (`--run DIR`: its config.yaml and latest checkpoint) or a weights file (`--checkpoint FILE`:
+rectflow safetensors carry their model and training configs in the metadata; a released SD3 file needs
+--text-encoder and --autoencoder). Every PNG carries its prompt and the settings in its text metadata; the grid is
+captioned.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """(MM-DiT, training config dict or {}) from a rectflow weights file or a released SD3 single file."""
+    """(network, training config dict or {}) from a rectflow weights file (an MM-DiT, or a baseline of the
+    architecture study: its config's "arch" key picks the class) or a released SD3 single file."""
     from rectflow.checkpoints import load_model as load_weights
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     model = load_weights(path)

@@ -1,4 +1,5 @@
-"""Train an MM-DiT with any formulation: `rectflow train --data shapes --max-steps 20 --out runs/first`.
+"""Train an MM-DiT (or, with `arch`, a baseline of PAPER 4's architecture study) with any formulation:
+`rectflow train --data shapes --max-steps 20 --out runs/first`.
 
 The data path (STYLE.md): data set -> (autoencoder latents, text features; both cached) -> the formulation draws t and
 noise and builds z_t -> model -> the formulation's per-sample loss -> mean over the global batch. AdamW with warm-up and
@@ -326,19 +327,54 @@ def _is_identity(autoencoder) -> bool:
 # ---------------------------------------------------------------- the model and the loss
 
 
-def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_dim: int, pooled_dim: int):
-    """The MM-DiT of the config (PAPER 4)."""
+def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_dim: int, pooled_dim: int,
+                context_splits: list[int] | None = None):
+    """The network of the config: its MM-DiT (PAPER 4), or a baseline of `cfg.arch` at that MM-DiT's size.
+
+    context_splits: token counts of the context's parts (SD3: [CLIP, T5]), the streams of mmdit3's extra weight set;
+    None splits the context into halves (rectflow.models.baselines.MMDiT3).
+    """
+    from rectflow.models import baselines
     from rectflow.models.mmdit import MMDiT
     kw = {}
     if cfg.hidden is not None:
         kw["hidden_size"] = cfg.hidden
     if cfg.heads is not None:
         kw["num_heads"] = cfg.heads
-    model = MMDiT.from_depth(cfg.depth, patch_size=cfg.patch_size, in_channels=in_channels, context_dim=context_dim,
-                             pooled_dim=pooled_dim, input_size=latent_size,
-                             qk_norm=None if cfg.qk_norm == "none" else cfg.qk_norm, **kw)
+    # a baseline only needs the MM-DiT's config and parameter count: build that on the meta device (no memory, no
+    # init, no random draws, so the baseline's init is the same as if it were built alone)
+    with torch.device("meta") if cfg.arch != "mmdit" else contextlib.nullcontext():
+        model = MMDiT.from_depth(cfg.depth, patch_size=cfg.patch_size, in_channels=in_channels,
+                                 context_dim=context_dim, pooled_dim=pooled_dim, input_size=latent_size,
+                                 qk_norm=None if cfg.qk_norm == "none" else cfg.qk_norm, **kw)
+    if cfg.arch != "mmdit":
+        options = {"context_splits": context_splits} if cfg.arch == "mmdit3" else {}
+        model = baselines.from_config(baselines.matched(cfg.arch, model, **options))
     model.gradient_checkpointing = cfg.grad_checkpointing
     return model
+
+
+def context_splits(text) -> list[int] | None:
+    """Token counts of the distinct sequence ranges of a text encoder's parts, in order (SD3: [CLIP, T5]); None
+    when all parts share one range (MiniLM)."""
+    spans = sorted({(part.seq.start or 0, part.seq.stop) for part in text.parts.values()})
+    if len(spans) < 2 or any(stop is None for _, stop in spans):
+        return None
+    return [stop - start for start, stop in spans]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW of the config: the fused kernel (all tensors in one pass) where PyTorch has it for the parameters
+    (float32 on CPU or CUDA), else PyTorch's default implementation.
+
+    A resumed run keeps the implementation its checkpoint was written with (load_state_dict restores the param
+    groups' `fused` flag), so runs checkpointed before the fused kernel was used continue exactly.
+    """
+    params = list(model.parameters())
+    fused = getattr(torch, "_fused_adamw_", None) is not None and all(
+        p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.effective_adam_eps,
+                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
 
 
 def compute_loss(model, formulation, x0, context, pooled, t, eps, bf16: bool) -> torch.Tensor:
@@ -417,8 +453,8 @@ class Trainer:
                   f"them as they come (set cache_dir to keep them on disk)", file=sys.stderr)
 
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.autoencoder.channels, side, self.text.context_dim,
-                                 self.text.pooled_dim).to(self.device)
+        self.model = build_model(cfg, self.autoencoder.channels, side, self.text.context_dim, self.text.pooled_dim,
+                                 context_splits(self.text)).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.net = self.model
         if self.ctx.enabled:
@@ -426,8 +462,7 @@ class Trainer:
             # the last block's context stream only feeds keys and values: its query norm gets no gradient
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                if self.device.type == "cuda" else None, find_unused_parameters=True)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                     eps=cfg.effective_adam_eps, weight_decay=cfg.weight_decay)
+        self.opt = make_optimizer(self.model, cfg)
         self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
         self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
         if resume:

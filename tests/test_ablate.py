@@ -252,3 +252,24 @@ def test_formulation_study_resumes_and_never_redoes_a_finished_run(tmp_path, tin
     assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == stamp[run_dir / "metrics.jsonl"]
     after = json.loads((run_dir / "eval" / f"{key}.json").read_text())
     assert {k: after[k] for k in ("clip", "fid", "geneval")} == {k: before[k] for k in ("clip", "fid", "geneval")}
+
+
+def test_architecture_study_sets_arch_in_the_config(tmp_path, tiny_scorer):
+    from rectflow.models.baselines import DiT
+    from rectflow.studies import architectures
+    from rectflow.studies.common import train_spec
+    opts = StudyOptions("architectures", budget=0.005, variants=["dit"], samples=6, overrides=TINY,
+                        encoder=tiny_scorer, runs_dir=tmp_path / "runs", out=tmp_path / "out")
+    assert architectures.config(opts, "dit").arch == "dit"
+    # the MM-DiT's spec has no arch key, like the spec.json files written before the config had the field
+    assert "arch" not in train_spec(architectures.config(opts)) and "arch" in train_spec(architectures.config(opts,
+                                                                                                              "uvit"))
+    assert {r.spec["arch"] for r in architectures.runs(opts)} == set(architectures.ARCHS)
+    with pytest.raises(ValueError, match="varies arch"):
+        architectures.config(StudyOptions("architectures", overrides=["arch=dit"]), "mmdit")
+    assert ablate.run_study(opts)["trained"] == ["dit"]
+    run_dir = opts.study_dir / "dit"
+    from rectflow.sample import load_pipeline
+    assert isinstance(load_pipeline(run=str(run_dir)).model, DiT)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["arch"] == "dit" and len(result["curve"]) >= 2

@@ -236,3 +236,36 @@ def test_convert_command(tmp_path, capsys):
     assert _cli([str(tmp_path / "m.pt"), str(tmp_path / "x.safetensors")]) == 1
     assert "--allow-pickle" in capsys.readouterr().err
     assert _cli([str(tmp_path / "m.pt"), str(tmp_path / "x.safetensors"), "--allow-pickle"]) == 0
+
+
+@pytest.mark.parametrize("arch", ["mmdit3", "dit", "crossdit", "uvit"])
+def test_baseline_files_load_by_their_arch(tmp_path, arch):
+    from rectflow.models import baselines
+    model = randomize(baselines.from_config({"arch": arch, "depth": 2, "hidden_size": 32, "num_heads": 2,
+                                             "patch_size": 2, "in_channels": 4, "context_dim": 32, "pooled_dim": 24,
+                                             "input_size": 8}))
+    ck.save_model(model, tmp_path / "b.safetensors")
+    back = ck.load_model(tmp_path / "b.safetensors")
+    assert type(back) is type(model) and back.config == model.config
+    assert_same_weights(model, back)
+    x, t, ctx, y = inputs(8, 8)
+    with torch.no_grad():
+        assert torch.equal(back(x, t, ctx, y), model(x, t, ctx, y))
+
+
+def test_baseline_errors_name_the_arch(tmp_path, capsys):
+    from rectflow.models import baselines
+    model = baselines.from_config({"arch": "dit", "depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2,
+                                   "in_channels": 4, "context_dim": 32, "pooled_dim": 24, "input_size": 8})
+    ck.save_model(model, tmp_path / "d.safetensors")
+    assert _cli([str(tmp_path / "d.safetensors"), str(tmp_path / "diff")]) == 1
+    assert "dit model" in capsys.readouterr().err and not (tmp_path / "diff").exists()
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.0.mlp")}
+    save_file(sd, tmp_path / "cut.safetensors", metadata={"format": ck.FORMAT_TAG, "config": json.dumps(model.config)})
+    with pytest.raises(ck.CheckpointError, match="does not fit the dit model.*missing keys"):
+        ck.load_model(tmp_path / "cut.safetensors")
+    bad = {**model.config, "arch": "transformer9"}
+    save_file(model.state_dict(), tmp_path / "bad.safetensors", metadata={"format": ck.FORMAT_TAG,
+                                                                         "config": json.dumps(bad)})
+    with pytest.raises(ck.CheckpointError, match="bad.safetensors.*'transformer9'"):
+        ck.load_model(tmp_path / "bad.safetensors")

@@ -74,6 +74,45 @@ def test_reference_features_are_cached(tiny_run):
     assert torch.equal(first["fit"].sigma, second["fit"].sigma)
 
 
+def test_reference_cache_is_written_atomically(tmp_path, monkeypatch):
+    """A write cut short leaves no cache file (a reader computes the fit again, never reads half a file)."""
+    import safetensors.torch
+
+    from rectflow.evaluate.features import load_encoder
+    encoder = load_encoder("scorer")
+    real_save = safetensors.torch.save_file
+
+    def cut_short(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    with pytest.raises(OSError, match="disk full"):
+        reference_fit(encoder, "shapes", 32, 4, {}, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    first = reference_fit(encoder, "shapes", 32, 4, {}, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first["cache"].rsplit("/", 1)[-1]]
+    assert reference_fit(encoder, "shapes", 32, 4, {}, tmp_path / "cache")["cached"]
+
+
+def test_eval_loads_a_baseline_run(tmp_path):
+    """A run of another architecture (arch: dit) is evaluated through its stored "arch"."""
+    cfg = TrainConfig(arch="dit", depth=1, hidden=32, heads=2, patch_size=4, resolution=32, sample_every=0).validate()
+    cfg.save(tmp_path / "config.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg, in_channels=3, latent_size=32, context_dim=384, pooled_dim=384)
+    save_checkpoint(tmp_path, 3, model, copy.deepcopy(model), {"step": 3}, cfg)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--run", str(tmp_path), "--out", str(out), "--samples", "2", "--settings", "1x1.0",
+                 "--weights", "ema", "--val-samples", "2", "--ref-samples", "4", "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["checkpoints"]["ema"].endswith("step_00000003/ema.safetensors")
+    assert report["val_loss"]["ema"]["mean"] > 0 and len(report["results"]) == 1
+
+
 def test_eval_prompts_and_settings():
     prompts, metas = eval_set("shapes", 32, 9, seed=0, data_options={})
     assert len(prompts) == 9 and [m["category"] for m in metas[:6]] == list(CATEGORIES)

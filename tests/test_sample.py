@@ -112,3 +112,24 @@ def test_make_grid_layout():
     grid = make_grid(imgs, ["a long caption that needs wrapping over lines"] * 5, tile=64)
     assert grid.size[0] == 3 * (64 + 4) + 4  # ceil(sqrt(5)) = 3 columns
     assert grid.getpixel((4 + 10, 4 + 10)) == (255, 0, 0)
+
+
+def test_a_trained_dit_samples_through_the_cli(tmp_path):
+    """A baseline (arch: dit) trained for 2 steps loads from --run and --checkpoint by its stored "arch"."""
+    from safetensors.torch import load_file
+
+    from rectflow.models.baselines import DiT
+    run = tmp_path / "dit"
+    train(TrainConfig.from_dict({**TINY, "arch": "dit", "max_steps": 2}), run)
+    ck = find_checkpoint(run)
+    assert json.loads(read_metadata(ck / "ema.safetensors")["config"])["arch"] == "dit"
+    pipe = load_pipeline(run=str(run))
+    assert isinstance(pipe.model, DiT)
+    stored = load_file(ck / "ema.safetensors")
+    assert all(torch.equal(v, stored[k]) for k, v in pipe.model.state_dict().items())
+    outs = [tmp_path / "run.png", tmp_path / "ck.png"]
+    assert main(["sample", "--run", str(run), "--prompt", "a red circle", "--out", str(outs[0]), *FAST]) == 0
+    assert main(["sample", "--checkpoint", str(ck / "ema.safetensors"), "--prompt", "a red circle",
+                 "--out", str(outs[1]), *FAST]) == 0
+    singles = [Image.open(p.with_name(f"{p.stem}_000.png")) for p in outs]
+    assert singles[0].size == (16, 16) and singles[0].tobytes() == singles[1].tobytes()

@@ -118,6 +118,52 @@ def test_shipped_configs_load():
     assert set(DEMO_RECIPE) <= set(TrainConfig().to_dict())
 
 
+def test_arch_builds_the_baselines_at_the_mmdit_size():
+    from rectflow.config import ARCHS
+    from rectflow.models import baselines
+    assert set(ARCHS) == set(baselines.ARCHITECTURES)
+    mmdit = train_mod.build_model(tiny(), 3, 16, 384, 384)
+    assert "arch" not in mmdit.config  # MM-DiT files stay as they were
+    n = sum(p.numel() for p in mmdit.parameters())
+    for arch in ("mmdit3", "dit", "crossdit", "uvit"):
+        model = train_mod.build_model(tiny(arch=arch, grad_checkpointing=True), 3, 16, 384, 384,
+                                      context_splits=[4, 4] if arch == "mmdit3" else None)
+        assert isinstance(model, baselines.ARCHITECTURES[arch]) and model.gradient_checkpointing
+        assert abs(sum(p.numel() for p in model.parameters()) - n) <= 0.05 * n, arch
+        assert model.config["num_heads"] == 2
+    assert model.config["arch"] == "uvit"
+    assert train_mod.build_model(tiny(arch="mmdit3"), 3, 16, 384, 384, [4, 4]).config["context_splits"] == [4, 4]
+    with pytest.raises(ValueError, match="'arch'"):
+        tiny(arch="unet").validate()
+
+
+def test_context_splits_follow_the_text_encoder_parts():
+    from rectflow.text import Part
+    one = {"minilm": Part(slice(None), slice(None), slice(None))}
+    assert train_mod.context_splits(type("T", (), {"parts": one})) is None
+    sd3 = {"clip_l": Part(slice(0, 77), slice(0, 768), slice(0, 768)),
+           "clip_g": Part(slice(0, 77), slice(768, 2048), slice(768, 2048)),
+           "t5": Part(slice(77, 141), slice(0, 4096), slice(0, 0))}
+    assert train_mod.context_splits(type("T", (), {"parts": sd3})) == [77, 64]
+
+
+def test_fused_adamw_where_supported_and_old_states_keep_their_kernel():
+    model = train_mod.build_model(tiny(), 3, 16, 384, 384)
+    opt = train_mod.make_optimizer(model, tiny())
+    assert opt.param_groups[0]["fused"] is True
+    assert opt.param_groups[0]["eps"] == 1e-15 and opt.param_groups[0]["lr"] == tiny().lr
+    assert not train_mod.make_optimizer(model.to(torch.bfloat16), tiny()).param_groups[0]["fused"]
+    # a checkpoint written by the unfused optimizer continues with it (exact resume of older runs)
+    model = model.float()
+    old = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    opt = train_mod.make_optimizer(model, tiny())
+    opt.load_state_dict(old.state_dict())
+    assert not opt.param_groups[0]["fused"]
+
+
 # ---------------------------------------------------------------- schedules, EMA, data order
 
 
@@ -343,7 +389,7 @@ def test_every_option_acts(tmp_path):
     # options that act on the data, t, noise, conditioning or the network (the zero-initialised output layer makes
     # the first loss independent of t and of the network, so some of them show from the second step on)
     for change in ({"seed": 1}, {"shift": 3.0}, {"formulation": "eps/linear"}, {"bf16": True},
-                   {"text_drop": 0.0}, {"qk_norm": "none"}, {"patch_size": 2}):
+                   {"text_drop": 0.0}, {"qk_norm": "none"}, {"patch_size": 2}, {"arch": "dit"}):
         other = _run_losses(tmp_path, "x", **{"bf16": False, **change})
         assert other != base, change
         shutil.rmtree(tmp_path / "x")

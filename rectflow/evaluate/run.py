@@ -19,7 +19,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,7 +116,8 @@ def fingerprint(encoder) -> str:
 
 
 def reference_fit(encoder, data: str, resolution: int, n: int, data_options: dict, cache_dir: Path | None) -> dict:
-    """Gaussian fit of the encoder's features of the first n real validation images, cached as safetensors."""
+    """Gaussian fit of the encoder's features of the first n real validation images, cached as safetensors (written
+    atomically, so processes sharing the cache never read half a file)."""
     from safetensors.torch import load_file, save_file
 
     from rectflow.data import get_dataset
@@ -129,8 +132,16 @@ def reference_fit(encoder, data: str, resolution: int, n: int, data_options: dic
                        for lo in range(0, n, 64)])
     fit = GaussianFit.of(feats)
     if path is not None:
+        # a temp file in the same folder renamed into place: a concurrent reader sees no file or the whole file
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(fit.state_dict(), str(path), metadata={"encoder": encoder.name, "data": data, "n": str(n)})
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(fit.state_dict(), tmp, metadata={"encoder": encoder.name, "data": data, "n": str(n)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return {"fit": fit, "n": n, "cache": str(path) if path else None, "cached": False}
 
 

@@ -37,8 +37,9 @@ SETTINGS = [Setting(25, 5.0, "ema")]
 
 
 def context_splits(text_encoder: str) -> list[int] | None:
-    """MM-DiT-3's two context parts: SD3 text encoders give [CLIP tokens, T5 tokens]; single-encoder contexts
-    (MiniLM) None, which MMDiT3 splits into halves (rectflow.models.baselines)."""
+    """MM-DiT-3's two context parts, for the run's spec: SD3 text encoders give [CLIP tokens, T5 tokens];
+    single-encoder contexts (MiniLM) None, which MMDiT3 splits into halves. The trainer derives the same split
+    from the loaded encoder (rectflow.train.context_splits)."""
     if not text_encoder.startswith("sd3"):
         return None
     lengths = {"clip_length": 77, "t5_length": 77}
@@ -49,9 +50,9 @@ def context_splits(text_encoder: str) -> list[int] | None:
     return [lengths["clip_length"], lengths["t5_length"]]
 
 
-def config(opts: StudyOptions):
-    """The training config shared by every architecture."""
-    return study_config(opts, STEPS, checkpoints=CURVE_POINTS)
+def config(opts: StudyOptions, arch: str = "mmdit"):
+    """The training config of one architecture (all but `arch` shared by every run)."""
+    return study_config(opts, STEPS, checkpoints=CURVE_POINTS, arch=arch)
 
 
 def runs(opts: StudyOptions) -> list[Run]:
@@ -65,10 +66,9 @@ def runs(opts: StudyOptions) -> list[Run]:
 
 def execute(run: Run, run_dir: Path, opts: StudyOptions) -> dict:
     """Train one architecture with a validation-loss curve, then score its samples."""
-    cfg = config(opts)
+    cfg = config(opts, run.name)
     curve = ValLossCurve(run_dir, run.spec["val_items"], seed=opts.seed)
-    extra = {"context_splits": run.spec["context_splits"]} if run.name == "mmdit3" else {}
-    trainer = trained(run_dir, cfg, arch=run.name, on_checkpoint=curve, **extra)
+    trainer = trained(run_dir, cfg, on_checkpoint=curve)
     scores = evaluation(opts, cfg).evaluate(trainer, run_dir, SETTINGS)
     model_config = dict(trainer.model.config)
     return {"arch": run.name, "model": {k: model_config.get(k) for k in ("depth", "hidden_size", "num_heads")},

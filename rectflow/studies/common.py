@@ -151,38 +151,15 @@ def study_config(opts: StudyOptions, steps: int, checkpoints: int = 4, recipe: d
 
 
 def train_spec(cfg) -> dict:
-    """The part of a config that defines what a run computes (stored in spec.json, compared on resume)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_SPEC}
+    """The part of a config that defines what a run computes (stored in spec.json, compared on resume).
 
-
-@contextlib.contextmanager
-def building(arch: str | None, **arch_options):
-    """Make the trainer build `arch` at the MM-DiT's parameter count (rectflow.train builds MM-DiTs only).
-
-    arch_options go to baselines.matched (e.g. context_splits for mmdit3).
+    `arch` is left out when it is the default MM-DiT: the spec.json files written before the field existed have none.
     """
-    if arch in (None, "mmdit"):
-        yield
-        return
-    from rectflow import train as train_mod
-    from rectflow.models import baselines
-    mmdit_builder = train_mod.build_model
-
-    def build(cfg, *args, **kw):
-        with torch.device("meta"):
-            target = mmdit_builder(cfg, *args, **kw)
-        model = baselines.from_config(baselines.matched(arch, target, **arch_options))
-        model.gradient_checkpointing = cfg.grad_checkpointing
-        return model
-
-    train_mod.build_model = build
-    try:
-        yield
-    finally:
-        train_mod.build_model = mmdit_builder
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in NOT_IN_SPEC and not (k == "arch" and v == "mmdit")}
 
 
-def trained(run_dir: Path, cfg, arch: str | None = None, on_checkpoint=None, **arch_options):
+def trained(run_dir: Path, cfg, on_checkpoint=None):
     """The run's Trainer holding its final weights: trains from scratch or from the latest checkpoint when needed.
 
     on_checkpoint(trainer) is called after every checkpoint the trainer writes (val-loss curves).
@@ -199,8 +176,7 @@ def trained(run_dir: Path, cfg, arch: str | None = None, on_checkpoint=None, **a
                 on_checkpoint(self)
             return path
 
-    with building(arch, **arch_options):
-        trainer = StudyTrainer(cfg, run_dir, resume=True)
+    trainer = StudyTrainer(cfg, run_dir, resume=True)
     if on_checkpoint is not None and trainer.step > 0:
         on_checkpoint(trainer)  # a kill between a checkpoint and its hook would otherwise leave a gap
     if trainer.step < cfg.max_steps:
