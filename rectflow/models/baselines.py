@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rectflow.models.layers import (
+    init_weights,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
@@ -129,22 +130,7 @@ class Baseline(nn.Module):
 
     def initialize_weights(self) -> None:
         """MM-DiT's init: xavier linears, N(0, 0.02) embedder MLPs, zero adaLN and final layer (output starts at 0)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for mlp in (self.t_embedder.mlp, self.y_embedder.mlp):
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
-        for module in self.modules():
-            if hasattr(module, "adaLN_modulation"):
-                nn.init.zeros_(module.adaLN_modulation[1].weight)
-                nn.init.zeros_(module.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        init_weights(self)
 
     def position_embedding(self, h: int, w: int) -> torch.Tensor:
         """Sin-cos embedding [1, h * w, hidden] of the token grid, centred on the reference grid as in MM-DiT."""

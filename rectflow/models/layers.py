@@ -165,3 +165,24 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate * y with gate [B, h] broadcast over tokens (one fused op)."""
     return torch.addcmul(x, gate.unsqueeze(1), y)
+
+
+def init_weights(model: nn.Module) -> None:
+    """DiT-style init shared by MM-DiT and the baselines: xavier linears and patch embedding, N(0, 0.02) embedder
+    MLPs, and zero adaLN modulations and final projection, so every block starts as the identity and the output at 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    w = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    for mlp in (model.t_embedder.mlp, model.y_embedder.mlp):
+        nn.init.normal_(mlp[0].weight, std=0.02)
+        nn.init.normal_(mlp[2].weight, std=0.02)
+    for module in model.modules():
+        if hasattr(module, "adaLN_modulation"):
+            nn.init.zeros_(module.adaLN_modulation[1].weight)
+            nn.init.zeros_(module.adaLN_modulation[1].bias)
+    nn.init.zeros_(model.final_layer.linear.weight)
+    nn.init.zeros_(model.final_layer.linear.bias)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rectflow.models.layers import (
+    init_weights,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
@@ -286,23 +287,7 @@ class MMDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT-style init: xavier linears, N(0, 0.02) embedder MLPs, zero adaLN (gates) and zero final layer."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        for mlp in (self.t_embedder.mlp, self.y_embedder.mlp):
-            nn.init.normal_(mlp[0].weight, std=0.02)
-            nn.init.normal_(mlp[2].weight, std=0.02)
-        for block in self.joint_blocks:
-            for stream in (block.context_block, block.x_block):
-                nn.init.zeros_(stream.adaLN_modulation[1].weight)
-                nn.init.zeros_(stream.adaLN_modulation[1].bias)
-        for layer in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        init_weights(self)
 
     # ----- positions (PAPER 4 "Mixed aspect ratios") ---------------------------------------------------------------
 
