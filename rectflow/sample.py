@@ -87,6 +87,8 @@ def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     from rectflow.checkpoints import load_model as load_weights
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     model = load_weights(path)
+    if torch.device(device).type == "cpu":
+        model = model.float()  # files may store bf16/fp16 (the shipped model, released files); fp16 is unusable on CPU
     train_config = json.loads(meta["rectflow.train_config"]) if "rectflow.train_config" in meta else {}
     return model.to(device).eval().requires_grad_(False), train_config
 
