@@ -7,6 +7,8 @@ then `--set key=value` overrides in order. Unknown keys and badly typed values a
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import yaml
 
 # the networks rectflow.models.baselines builds (ARCHITECTURES), listed here so the config needs no torch import
 ARCHS = ("mmdit", "mmdit3", "dit", "crossdit", "uvit")
+AUTO_UNCOND = 0.1  # share of training samples with every text encoder dropped when text_drop is null (PAPER 4)
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -40,8 +43,10 @@ class TrainConfig:
     text_encoder: str = _f("minilm", "text encoder spec: 'minilm' or 'sd3:clip_l=DIR,clip_g=DIR,t5=DIR'")
     autoencoder: str = _f("identity", "autoencoder spec: 'identity' (pixel space), 'sd3-vae:DIR' or "
                                       "'small:PATH.safetensors'")
-    text_drop: float = _f(0.464, "probability of zeroing each text encoder's output, independently per sample "
-                                 "(PAPER 4: 46.4%); also what classifier-free guidance relies on")
+    text_drop: float | None = _f(None, "probability of zeroing each text encoder's output, independently per "
+                                       "sample; also what classifier-free guidance relies on. null: automatic, "
+                                       "0.1 ** (1 / k) for k text encoders, so that 10% of samples see no text "
+                                       "(k = 3: 0.464, PAPER 4; MiniLM's single encoder: 0.1)")
     # the forward process (PAPER 1-3, 5)
     formulation: str = _f("rf/lognorm(0.00, 1.00)", "forward process and loss, any name of PAPER 1-3 "
                                                     "(e.g. rf, rf/lognorm(0.00, 1.00), rf/mode(1.29), eps/linear, "
@@ -116,7 +121,7 @@ class TrainConfig:
             raise ValueError(f"config key 'lr': expected a value > 0, got {self.lr!r}")
         if not self.shift > 0:
             raise ValueError(f"config key 'shift': expected a value > 0, got {self.shift!r}")
-        if not 0.0 <= self.text_drop <= 1.0:
+        if self.text_drop is not None and not 0.0 <= self.text_drop <= 1.0:
             raise ValueError(f"config key 'text_drop': expected a probability in [0, 1], got {self.text_drop!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"config key 'ema_decay': expected a value in [0, 1), got {self.ema_decay!r}")
@@ -124,10 +129,21 @@ class TrainConfig:
             raise ValueError(f"config key 'betas': expected two values in [0, 1), got {self.betas!r}")
         if self.adam_eps is not None and self.adam_eps <= 0:
             raise ValueError(f"config key 'adam_eps': expected a value > 0 or null, got {self.adam_eps!r}")
+        from rectflow.flow import Formulation  # here, not at the top: reading a config needs no torch
+        try:
+            Formulation.from_name(self.formulation)
+        except ValueError as err:
+            raise ValueError(f"config key 'formulation': {err}") from None
         if self.batch_size % self.grad_accum:
             raise ValueError(f"config key 'batch_size': {self.batch_size} is not divisible by "
                              f"grad_accum = {self.grad_accum}")
         return self
+
+    def effective_text_drop(self, n_encoders: int) -> float:
+        """text_drop, or when null 0.1 ** (1 / k) for k text encoders: 10% of samples fully unconditional (PAPER 4)."""
+        if self.text_drop is not None:
+            return self.text_drop
+        return AUTO_UNCOND ** (1 / max(1, n_encoders))
 
     @property
     def effective_adam_eps(self) -> float:
@@ -151,7 +167,24 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             lines.append(f"# {f.metadata['help']}")
             lines.append(_yaml_line(f.name, _plain(getattr(self, f.name))))
-        Path(path).write_text("\n".join(lines) + "\n")
+        write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through a temp file in its folder, flushed to disk, then os.replace: a kill leaves the old
+    file or the new one, never part of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -59,6 +59,10 @@ class Path:
 
     t_max = 1.0  # largest t with finite coefficients
 
+    def to_rf_time(self, t):
+        """rf's time at the same log-SNR, b / (a + b) = sigmoid(-lambda / 2); the inverse of from_rf_time."""
+        return torch.sigmoid(-self.lam(t) / 2)
+
     def lam(self, t):
         """Log signal-to-noise ratio lambda_t = 2 log(a_t / b_t)."""
         return 2 * (torch.log(self.a(t)) - torch.log(self.b(t)))
@@ -90,6 +94,9 @@ class RectifiedPath(Path):
         return -2 / (t * (1 - t))
 
     def from_rf_time(self, t):
+        return t
+
+    def to_rf_time(self, t):
         return t
 
 
@@ -200,7 +207,10 @@ class LogNormalSigma(EDMPath):
         return -2 * self.p_std * math.sqrt(2 * math.pi) * torch.exp(u**2 / 2)  # -2 Ps / phi(u)
 
     def from_rf_time(self, t):
-        return torch.special.ndtr((torch.log(t) - torch.log1p(-t) - self.p_mean) / self.p_std)
+        # Phi(x) as erfc(-x / sqrt 2) / 2: torch's ndtr (1 + erf) / 2 rounds to 0 below x ~ -8.3, where grids near
+        # the data still need distinct times
+        x = (torch.log(t) - torch.log1p(-t) - self.p_mean) / self.p_std
+        return torch.special.erfc(-x / math.sqrt(2)) / 2
 
     def db(self, t):
         return -self.b(t) * self.dlam(t) / 2
@@ -221,6 +231,9 @@ class RFSigma(EDMPath):
         return -2 / (t * (1 - t))
 
     def from_rf_time(self, t):
+        return t
+
+    def to_rf_time(self, t):
         return t
 
 
@@ -392,6 +405,10 @@ class Formulation:
         """The t of this formulation with the same log-SNR as rf at t (how sampling grids carry over)."""
         return self.path.from_rf_time(_time(t))
 
+    def to_rf_time(self, t):
+        """rf's time with the same log-SNR as this formulation at t, b / (a + b) (the identity for the rf family)."""
+        return self.path.to_rf_time(_time(t))
+
     def w(self, t):
         """The paper's weight w_t of L_w with t ~ U(0, 1) (PAPER 1 table; rf variants: t/(1-t) pi(t), PAPER 2)."""
         return self._weight(self, _time(t))
@@ -402,10 +419,17 @@ class Formulation:
 
     # -- training
     def sample_t(self, n, generator=None, device=None, shift=1.0, dtype=None) -> torch.Tensor:
-        """n training times from pi(t), shifted by shift_time, kept inside the open interval (0, 1)."""
+        """n training times from pi(t), shifted (PAPER 5), kept inside the open interval (0, 1).
+
+        The shift acts in rf time, t -> from_rf_time(shift_time(to_rf_time(t))), so that it is PAPER 5's
+        lambda -> lambda - 2 log(alpha) on every path (for the rf family both maps are the identity).
+        """
         dtype = dtype or torch.get_default_dtype()
         eps = torch.finfo(dtype).eps
-        t = shift_time(self.sampler.draw(n, generator), shift).to(dtype).clamp(eps, 1 - eps)
+        t = self.sampler.draw(n, generator)
+        if shift != 1:
+            t = self.path.from_rf_time(shift_time(self.path.to_rf_time(t), shift))
+        t = t.to(dtype).clamp(eps, 1 - eps)
         return t.to(device) if device is not None else t
 
     def _edm_cd(self, t, like):
@@ -540,20 +564,21 @@ _CALL = re.compile(r"(rf/lognorm|rf/mode|edm)(?:\((.*)\))?")
 _ARGS = {"rf/lognorm": ("m", "s"), "rf/mode": ("s",), "edm": ("Pm", "Ps")}
 
 
-def _bad(name, why):
-    return ValueError(f"unknown formulation {name!r}: {why}; accepted forms: {ACCEPTED}")
+def _bad(name, why, known=True):
+    """The error for a name: 'unknown' when no accepted form matches, 'invalid' for a known form's bad parameters."""
+    return ValueError(f"{'invalid' if known else 'unknown'} formulation {name!r}: {why}; accepted forms: {ACCEPTED}")
 
 
 def _parse(name: str) -> Formulation:
     """Formulation for a Table 1 name (see Formulation.from_name)."""
     if not isinstance(name, str):
-        raise _bad(name, "expected a string")
+        raise _bad(name, "expected a string", known=False)
     key = re.sub(r"\s+", "", name).lower()
     if key in _PLAIN:
         return _PLAIN[key]()
     match = _CALL.fullmatch(key)
     if match is None:
-        raise _bad(name, "not a known form")
+        raise _bad(name, "not a known form", known=False)
     kind, arg_text = match.groups()
     expected = _ARGS[kind]
     try:

@@ -6,6 +6,10 @@ from a training run (`--run DIR`: its config.yaml and latest checkpoint) or a we
 rectflow safetensors carry their model and training configs in the metadata; a released SD3 file needs
 --text-encoder and --autoencoder). Every PNG carries its prompt and the settings in its text metadata; the grid is
 captioned.
+
+Classifier-free guidance's unconditional branch: rectflow runs learned it from text dropout to zeros, so it is zeros;
+released SD3 files are sampled, as SD3's reference code does, with the encoding of the empty prompt "";
+`--negative-prompt TEXT` replaces either with the encoding of TEXT.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ class Pipeline:
     resolution: int
     train_config: dict = field(default_factory=dict)
     source: str = ""
+    weights: str | None = None  # "ema" or "raw" as the loaded file says (None: not a rectflow training file)
+    uncond_prompt: str | None = None  # CFG's unconditional branch: this prompt's encoding; None: zeros
 
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of one latent."""
@@ -49,28 +55,43 @@ class Pipeline:
 # ---------------------------------------------------------------- loading
 
 
-def resolve_weights(run: str | None = None, checkpoint: str | None = None, weights: str = "ema") -> Path:
-    """The safetensors file to load: a run's latest checkpoint, a checkpoint directory, or a file."""
+WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
+
+
+def resolve_weights(run: str | None = None, checkpoint: str | None = None, weights: str | None = None) -> Path:
+    """The file to load: `weights` ('ema' or 'raw') of a run's latest checkpoint or of a checkpoint directory, or a
+    weights file. weights=None: a run's EMA; a directory's ema.safetensors, else its model.safetensors, else the
+    directory itself when it is a diffusers folder. Explicitly requested weights that are absent are an error."""
     from rectflow.train import find_checkpoint
-    name = {"ema": "ema.safetensors", "raw": "model.safetensors"}[weights]
+    if weights is not None and weights not in WEIGHT_FILES:
+        raise ValueError(f"weights must be one of {sorted(WEIGHT_FILES)}, got {weights!r}")
     if run is not None:
         ck = find_checkpoint(run)
         if ck is None:
             raise FileNotFoundError(f"run {run} has no complete checkpoint (checkpoints/latest or step_N missing)")
-        return ck / name
+        return ck / WEIGHT_FILES[weights or "ema"]
     if checkpoint is None:
         raise ValueError("give --run DIR or --checkpoint FILE")
     path = Path(checkpoint)
     if path.is_dir():
-        candidates = [path / name, path / "model.safetensors"]
-        found = next((c for c in candidates if c.is_file()), None)
+        if weights is not None:
+            if not (path / WEIGHT_FILES[weights]).is_file():
+                held = sorted(p.name for p in path.glob("*.safetensors")) or "no .safetensors file"
+                raise FileNotFoundError(f"{path} has no {WEIGHT_FILES[weights]} (the {weights} weights asked for with "
+                                        f"--weights {weights}); it holds {held}")
+            return path / WEIGHT_FILES[weights]
+        found = next((path / n for n in ("ema.safetensors", "model.safetensors") if (path / n).is_file()), None)
         if found is None and (path / "config.json").is_file():
             return path  # a diffusers folder
         if found is None:
-            raise FileNotFoundError(f"{path} holds neither {name} nor model.safetensors nor a diffusers config.json")
+            raise FileNotFoundError(f"{path} holds neither ema.safetensors nor model.safetensors nor a diffusers "
+                                    f"config.json")
         return found
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if weights is not None:
+        raise ValueError(f"--weights {weights} picks a file of a run or checkpoint directory; {path} is a single "
+                         f"weights file (pass the file you want, e.g. ema.safetensors, or its directory)")
     return path
 
 
@@ -93,15 +114,23 @@ def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval().requires_grad_(False), train_config
 
 
-def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights: str = "ema", device="cpu",
+def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights: str | None = None, device="cpu",
                   formulation: str | None = None, text_encoder: str | None = None, autoencoder: str | None = None,
-                  resolution: int | None = None) -> Pipeline:
-    """Everything needed to sample, from a run or a weights file; explicit arguments override the run's config."""
+                  resolution: int | None = None, step_dir: str | Path | None = None) -> Pipeline:
+    """Everything needed to sample, from a run or a weights file; explicit arguments override the run's config.
+
+    weights: see resolve_weights. step_dir: a checkpoint directory of `run` to load instead of its latest (so that
+    several weight sets come from one checkpoint while the run goes on writing new ones).
+    """
     from rectflow.autoencoder import load_autoencoder
     from rectflow.flow import Formulation
     from rectflow.text import load_text_encoder
-    path = resolve_weights(run, checkpoint, weights)
+    path = resolve_weights(run, checkpoint, weights) if step_dir is None else resolve_weights(
+        None, str(step_dir), weights or "ema")
     model, cfg = load_model(path, device)
+    released = not cfg  # no rectflow training config in the file: a released model
+    kind = (read_metadata(path).get("rectflow.weights") if path.suffix == ".safetensors" else None) or (
+        None if released else weights)
     if run is not None and (Path(run) / "config.yaml").is_file():
         import yaml
         cfg = {**cfg, **(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {})}
@@ -114,7 +143,10 @@ def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights
     form = Formulation.from_name(formulation or cfg.get("formulation", DEFAULTS_FOR_RELEASED["formulation"]))
     side = resolution or cfg.get("resolution") or model.config["input_size"] * ae.factor
     _check_conditioning(model, text, path)
-    return Pipeline(model, form, text, ae, int(side), cfg, source=str(path))
+    # released SD3 models take the empty prompt's encoding as the unconditional input (SD3's reference sampler);
+    # rectflow runs were trained with text dropout to zeros
+    return Pipeline(model, form, text, ae, int(side), cfg, source=str(path), weights=kind,
+                    uncond_prompt="" if released else None)
 
 
 def _check_conditioning(model, text, path) -> None:
@@ -146,12 +178,27 @@ def keep_encoders(text_encoder, context: torch.Tensor, pooled: torch.Tensor,
 
 
 @torch.no_grad()
+def uncond_features(pipe: Pipeline, negative_prompt: str | None = None, encoders=None):
+    """(context [1, L, Dc], pooled [1, Dp]) of CFG's unconditional branch: the encoding of `negative_prompt`, else
+    of the pipeline's uncond_prompt; None when neither is set (guided() then uses zeros)."""
+    text = negative_prompt if negative_prompt is not None else pipe.uncond_prompt
+    if text is None:
+        return None
+    context, pooled = pipe.text_encoder.encode([text])
+    return keep_encoders(pipe.text_encoder, context, pooled, encoders)  # absent encoders give zeros, as for prompts
+
+
+@torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = "euler", cfg_scale: float = 4.0,
              shift: float = 1.0, schedule: str = "linear", seed: int = 0, batch_size: int = 8, encoders=None,
-             bf16: bool = False, progress: bool = False) -> torch.Tensor:
-    """Images [N, 3, H, W] in [-1, 1] for the prompts; image i starts from noise seeded by seed + i."""
+             bf16: bool = False, progress: bool = False, negative_prompt: str | None = None) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] for the prompts; image i starts from noise seeded by seed + i.
+
+    negative_prompt: its encoding is CFG's unconditional branch (default: see uncond_features).
+    """
     from rectflow.sampling import guided, sample
     device, out = pipe.device, []
+    uncond = uncond_features(pipe, negative_prompt, encoders) if cfg_scale != 1 else None
     chunks = range(0, len(prompts), batch_size)
     if progress:
         from tqdm import tqdm
@@ -162,7 +209,9 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
         context, pooled = keep_encoders(pipe.text_encoder, context, pooled, encoders)
         noise = torch.stack([torch.randn(pipe.latent_shape(), generator=torch.Generator().manual_seed(seed + lo + i))
                              for i in range(len(batch))]).to(device)
-        net = guided(pipe.model, context.to(device), pooled.to(device), cfg_scale)
+        u_context, u_pooled = (None, None) if uncond is None else (
+            u.to(device).expand(len(batch), *u.shape[1:]) for u in uncond)
+        net = guided(pipe.model, context.to(device), pooled.to(device), cfg_scale, u_context, u_pooled)
 
         def model_fn(z, t):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -252,7 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--run", default=None, help="a training run directory: its config.yaml and latest checkpoint")
     src.add_argument("--checkpoint", default=None, help="a weights file (rectflow safetensors or a released SD3 file) "
                      "or a checkpoint directory")
-    src.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA or raw weights of a run")
+    src.add_argument("--weights", choices=("ema", "raw"), default=None, help="EMA or raw weights of a run or "
+                     "checkpoint directory (default: ema; a directory without ema.safetensors: its model.safetensors); "
+                     "an error when the file is absent or --checkpoint names a file")
     src.add_argument("--formulation", default=None, help="forward process (default: the run's; rf for released files)")
     src.add_argument("--text-encoder", default=None, help="text encoder spec (default: the run's)")
     src.add_argument("--autoencoder", default=None, help="autoencoder spec (default: the run's)")
@@ -261,6 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("prompts and output")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default=None, help="a prompt whose encoding is classifier-free guidance's "
+                   "unconditional branch (default: zeros for rectflow runs, the empty prompt \"\" for released "
+                   "SD3 files)")
     p.add_argument("--out", default="samples/grid.png", help="the captioned grid; single images are written beside "
                    "it as <stem>_NNN.png")
     s = parser.add_argument_group("sampler")
@@ -310,12 +364,15 @@ def run(args) -> int:
         settings = {"steps": args.steps, "solver": args.solver, "cfg_scale": args.cfg_scale, "shift": shift,
                     "schedule": schedule, "seed": args.seed}
         images = generate(pipe, prompts, batch_size=args.batch_size, encoders=encoders, bf16=args.bf16,
-                          progress=True, **settings)
+                          progress=True, negative_prompt=args.negative_prompt, **settings)
     except (ValueError, FileNotFoundError) as err:
         print(f"rectflow sample: {err}", file=sys.stderr)
         return 2
-    meta = {**settings, "weights": args.weights, "source": pipe.source, "formulation": pipe.formulation.name,
-            "encoders": encoders or list(pipe.text_encoder.encoder_names), "resolution": pipe.resolution}
+    uncond = args.negative_prompt if args.negative_prompt is not None else pipe.uncond_prompt
+    # weights: what the loaded file says it holds; source: the file itself
+    meta = {**settings, "weights": pipe.weights, "source": pipe.source, "formulation": pipe.formulation.name,
+            "encoders": encoders or list(pipe.text_encoder.encoder_names), "resolution": pipe.resolution,
+            "negative_prompt": uncond}  # the prompt encoded for CFG's unconditional branch; null: zeros
     save_images(images, prompts, args.out, meta)
     print(f"rectflow sample: wrote {args.out} and {len(prompts)} images beside it", file=sys.stderr)
     return 0

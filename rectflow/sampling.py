@@ -146,10 +146,27 @@ SOLVERS = {"euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_
 
 
 def formulation_grid(formulation: Formulation, steps: int, shift: float = 1.0, schedule: str = "linear"):
-    """time_grid (rf times) carried to the formulation's t at equal log-SNR, clipped to [t_min, t_max], repeats
-    dropped: every formulation is sampled at the same noise levels (identity for rf and edm/rf)."""
-    ts = formulation.from_rf_time(time_grid(steps, shift, schedule))
-    return torch.unique_consecutive(ts.clamp(formulation.t_min, formulation.t_max))
+    """steps + 1 times of the formulation, from t_max to t_min: time_grid (rf times) fitted to the rf times the
+    formulation reaches, carried to its own t at equal log-SNR.
+
+    Where the formulation spans all of rf time (t_max and t_min at rf times 1 and 0: the rf family, v/cos) this is
+    time_grid itself carried over. Otherwise (a lower starting SNR: LDM's floor, eps/cos, EDM's sigma_max) the grid's
+    unshifted positions u = shift_time(tau, 1 / shift) are mapped linearly onto [u(tau_min), u(tau_max)] and shifted
+    again, so every step stays a step and the shift keeps its meaning.
+    """
+    f = formulation
+    grid = time_grid(steps, shift, schedule)
+    hi, lo = float(f.to_rf_time(f.t_max)), float(f.to_rf_time(f.t_min))
+    if hi == 1.0 and lo == 0.0:
+        ts = f.from_rf_time(grid).clamp(f.t_min, f.t_max)
+    else:
+        u_hi, u_lo = shift_time(hi, 1 / shift), shift_time(lo, 1 / shift)
+        u = shift_time(grid, 1 / shift)
+        ts = f.from_rf_time(shift_time(u_lo + (u_hi - u_lo) * u, shift)).clamp(f.t_min, f.t_max)
+        ts[0], ts[-1] = f.t_max, f.t_min  # exactly, whatever the round trip through rf time rounds to
+    if not torch.all(torch.diff(ts) < 0):
+        raise ValueError(f"formulation_grid: {steps} steps of {f.name} do not resolve into distinct times in float64")
+    return ts
 
 
 def sample(model_fn, formulation, noise, steps=28, solver="euler", shift=1.0, schedule="linear", callback=None):

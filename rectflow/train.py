@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rectflow import distributed
-from rectflow.config import FIELDS, TrainConfig, apply_dict, apply_overrides, field_type, load_config
+from rectflow.config import (FIELDS, TrainConfig, apply_dict, apply_overrides, field_type, load_config,
+                             write_text_atomic)
 
 # fields that may change when a run is resumed (they do not change what the run computes up to its end)
 RESUME_CHANGEABLE = {"max_steps", "checkpoint_every", "keep_last", "log_every", "sample_every", "max_bad_steps",
@@ -139,11 +140,12 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, state: dict, cfg: Trai
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():
         _fsync(f)
+    _fsync(tmp)  # the directory's entries too: after a crash the renamed directory must hold all three files
     final = ck_root / name
     if final.exists():  # left by an earlier attempt at this step (a run resumed from before it)
         os.replace(final, tempfile.mkdtemp(prefix=f".trash-{name}-", dir=ck_root))
     os.replace(tmp, final)
-    _fsync(ck_root)
+    _fsync(ck_root)  # the rename itself
     # the pointer is written last: until it changes, loading uses the previous checkpoint
     fd, tmp_ptr = tempfile.mkstemp(prefix=".tmp-latest-", dir=ck_root)
     with os.fdopen(fd, "w") as fh:
@@ -441,12 +443,16 @@ class Trainer:
         self.formulation = Formulation.from_name(cfg.formulation)
         self.autoencoder = load_autoencoder(cfg.autoencoder).to(self.device).eval()
         self.text = TextFeatures(_frozen_text_encoder(cfg.text_encoder, self.device), text_cache)
+        self.text_drop = cfg.effective_text_drop(len(self.text.encoder_names))  # null: automatic, per encoder count
         if cfg.resolution % self.autoencoder.factor or (cfg.resolution // self.autoencoder.factor) % cfg.patch_size:
             raise ValueError(f"config key 'resolution': {cfg.resolution} px is not a multiple of autoencoder factor "
                              f"{self.autoencoder.factor} x patch_size {cfg.patch_size}")
         side = cfg.resolution // self.autoencoder.factor
         self.latent_shape = (self.autoencoder.channels, side, side)
-        self.dataset = get_dataset(cfg.data, cfg.resolution, split="train", seed=cfg.seed, **cfg.data_options)
+        try:
+            self.dataset = get_dataset(cfg.data, cfg.resolution, split="train", seed=cfg.seed, **cfg.data_options)
+        except TypeError as err:  # an option the data set does not take
+            raise ValueError(f"config key 'data_options': {err}") from None
         self.batches = Batches(self.dataset, cfg, self.autoencoder, self.device, self.cache_dir, self.ctx)
         if len(self.dataset) < ENDLESS and not self.text.prepare(all_captions(self.dataset)):
             print(f"rectflow train: the {len(self.dataset)} captions' text features do not fit in memory; encoding "
@@ -551,8 +557,8 @@ class Trainer:
     def _conditioning(self, captions: list[str], step: int, positions) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached text features with per-encoder dropout; each sample's dropout draw is seeded by its batch slot."""
         context, pooled = self.text.encode(captions)
-        if self.cfg.text_drop > 0:
-            pairs = [self.text.drop(context[i:i + 1], pooled[i:i + 1], self.cfg.text_drop,
+        if self.text_drop > 0:
+            pairs = [self.text.drop(context[i:i + 1], pooled[i:i + 1], self.text_drop,
                                     generator=generator_for(self.cfg.seed, step, "text-drop", pos))
                      for i, pos in enumerate(positions)]
             context, pooled = torch.cat([c for c, _ in pairs]), torch.cat([p for _, p in pairs])
@@ -573,7 +579,7 @@ class Trainer:
                     continue  # a line cut short by a kill
                 if rec.get("step", 0) <= self.step:
                     kept.append(line)
-        path.write_text("".join(k + "\n" for k in kept))
+        write_text_atomic(path, "".join(k + "\n" for k in kept))  # a kill now keeps the old lines or the cut ones
         self._metrics = open(path, "a", buffering=1)
         self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
 
@@ -624,7 +630,8 @@ class Trainer:
                         f"{last if last else 'none (no checkpoint was written)'}. Try a lower lr, qk_norm: rms, "
                         f"grad_clip, or bf16: false.")
                 done = self.step == cfg.max_steps
-                if self.bad_streak == 0 and (done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
+                # a skipped step left the weights as they were (good): checkpoint as usual; only an abort does not
+                if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
                 if main and cfg.sample_every and self.prompts and (done or self.step % cfg.sample_every == 0):
                     self.write_samples()
@@ -699,22 +706,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    """Defaults < the run's saved config (on --resume) or --config < direct flags < --set."""
+    """Defaults < --config < direct flags < --set; on --resume the run's saved config replaces the defaults, and
+    --config, flags and --set act on it as overrides that may only change RESUME_CHANGEABLE fields."""
     saved = Path(args.out) / "config.yaml" if args.out else None
     if args.resume:
         if saved is None or not saved.is_file():
             raise ValueError(f"--resume: no run to continue in {args.out!r} (config.yaml missing)")
         base = load_config(saved)
+        start = load_config(args.config, base=base) if args.config else base
     else:
-        base = load_config(args.config) if args.config else TrainConfig()
+        base = start = load_config(args.config) if args.config else TrainConfig()
     flags = {name[4:]: value for name, value in vars(args).items() if name.startswith("cfg_")}
-    cfg = apply_overrides(apply_dict(base, flags, source="command line"), args.overrides).validate()
+    cfg = apply_overrides(apply_dict(start, flags, source="command line"), args.overrides).validate()
     if args.resume:
-        changed = {k for k, v in cfg.to_dict().items() if base.to_dict()[k] != v} - RESUME_CHANGEABLE
-        if changed:
-            raise ValueError(f"--resume: cannot change {', '.join(sorted(changed))} of a run (that would break "
-                             f"exact continuation); changeable: {', '.join(sorted(RESUME_CHANGEABLE))}")
+        check_resume_changes(base, cfg, source=f"--resume of {saved}")
     return cfg
+
+
+def check_resume_changes(old: TrainConfig, new: TrainConfig, source: str = "--resume") -> None:
+    """Refuse config changes that would make a resumed run differ from an uninterrupted one."""
+    before, after = old.to_dict(), new.to_dict()
+    changed = {k for k, v in after.items() if before[k] != v}
+    fixed = changed - RESUME_CHANGEABLE
+    if fixed:
+        detail = "; ".join(f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(fixed))
+        raise ValueError(f"{source}: cannot change {detail} (that would break exact continuation); changeable: "
+                         f"{', '.join(sorted(RESUME_CHANGEABLE))}")
+    if "max_steps" in changed and old.lr_schedule == "cosine":
+        # the cosine decay reaches min_lr at max_steps: another max_steps changes the learning rate of every step
+        raise ValueError(f"{source}: cannot change max_steps ({old.max_steps} -> {new.max_steps}) of a run with "
+                         f"lr_schedule 'cosine': the learning rate of every step after warm-up depends on it; "
+                         f"start a new run (max_steps may change on resume with lr_schedule 'constant')")
 
 
 def run(args) -> int:
@@ -732,10 +754,19 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        train(cfg, out, resume=args.resume)
+        trainer = Trainer(cfg, out, resume=args.resume)
+    except (ValueError, OSError) as err:  # the config names something that cannot be built or found
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        print(f"rectflow train: {err}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
     except TrainingAborted as err:
         print(f"rectflow train: {err}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown(trainer.ctx)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"rectflow train: run written to {out}", file=sys.stderr)
     return 0

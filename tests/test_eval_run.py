@@ -129,3 +129,42 @@ def test_eval_command_errors(tiny_run, tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     assert main(["eval", "--run", str(tiny_run), "--samples", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_one_checkpoint_for_all_weight_sets_and_atomic_outputs(tmp_path, monkeypatch):
+    """A run that writes a new checkpoint during the evaluation is still evaluated from the one it started with; a
+    failure while writing the outputs leaves the previous ones whole."""
+    import rectflow.evaluate.run as run_mod
+    import rectflow.evaluate.val_loss as val_loss_mod
+    from rectflow.evaluate.run import evaluate_run, write_outputs
+    cfg = TrainConfig(depth=1, hidden=32, heads=2, patch_size=4, resolution=32, sample_every=0).validate()
+    cfg.save(tmp_path / "config.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg, in_channels=3, latent_size=32, context_dim=384, pooled_dim=384)
+    save_checkpoint(tmp_path, 7, model, copy.deepcopy(model), {"step": 7}, cfg)
+    real = val_loss_mod.validation_loss
+
+    def training_goes_on(*args, **kw):  # the run checkpoints step 8 while the EMA weights are evaluated
+        if not (tmp_path / "checkpoints" / "step_00000008").exists():
+            save_checkpoint(tmp_path, 8, model, copy.deepcopy(model), {"step": 8}, cfg)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(val_loss_mod, "validation_loss", training_goes_on)
+    report = evaluate_run(str(tmp_path), samples=2, settings=[(1, 1.0)], val_samples=2, ref_samples=4,
+                          batch_size=2, progress=False)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert report["settings"]["checkpoints"] == {"ema": str(tmp_path / "checkpoints/step_00000007/ema.safetensors"),
+                                                 "raw": str(tmp_path / "checkpoints/step_00000007/model.safetensors")}
+    out = tmp_path / "eval" / "eval.json"
+    paths = write_outputs(report, out)
+    before = {p: p.read_bytes() for p in paths}
+
+    def plot_fails(report, path):  # a plot cut short, e.g. by a full disk
+        path.write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(run_mod, "plot", plot_fails)
+    with pytest.raises(OSError, match="disk full"):
+        write_outputs({**report, "run": "another run"}, out)
+    assert {p: p.read_bytes() for p in paths} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval.json", "eval.md", "eval.png"]

@@ -170,6 +170,17 @@ def test_from_name_rejects(bad):
         Formulation.from_name(bad)
 
 
+@pytest.mark.parametrize("bad, kind", [
+    ("rf/lognorm(0, -1)", "invalid"), ("rf/mode(1.76)", "invalid"), ("edm(0)", "invalid"),
+    ("rf/lognorm(a, 1)", "invalid"),
+    ("rf/foo", "unknown"), ("flow", "unknown"), ("edm/foo", "unknown"),
+])
+def test_from_name_says_unknown_or_invalid(bad, kind):
+    """A name no form matches is unknown; a known form with bad parameters is invalid."""
+    with pytest.raises(ValueError, match=rf"^{kind} formulation "):
+        Formulation.from_name(bad)
+
+
 # -- t samplers (PAPER 2) --------------------------------------------------------------------------------------------
 
 SAMPLERS = ["rf", "rf/lognorm(0.00, 1.00)", "rf/lognorm(1.00, 0.60)", "rf/lognorm(-0.50, 1.80)", "rf/mode(1.29)",
@@ -225,6 +236,31 @@ def test_sample_t_shift_generator_and_range():
                         shifted_cdf).pvalue > 1e-3
     t = Formulation.from_name("rf/lognorm(0, 2.2)").sample_t(100000, generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.float32 and 0 < t.min() and t.max() < 1  # float32 never rounds to 0 or 1
+
+
+@pytest.mark.parametrize("name", ["v/cos", "eps/linear", "edm(0.00, 0.60)"])
+@pytest.mark.parametrize("alpha", [3.0, 0.5])
+def test_sample_t_shift_is_a_log_snr_shift_on_every_path(name, alpha):
+    """PAPER 5: the shift moves every draw's log-SNR by -2 log(alpha), whatever the path's t-parametrisation."""
+    f = Formulation.from_name(name)
+    t1 = f.sample_t(4000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ts = f.sample_t(4000, generator=torch.Generator().manual_seed(3), shift=alpha, dtype=torch.float64)
+    target = f.lam(t1) - 2 * math.log(alpha)
+    reach = target > f.lam(torch.tensor(1.0, dtype=torch.float64)) + 1e-6  # LDM's SNR floor: draws past it sit at 1
+    assert reach.float().mean() > 0.75 and torch.all(ts[~reach] > 1 - 1e-6)
+    torch.testing.assert_close(f.lam(ts)[reach], target[reach], rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(f.lam(shift_time(t1, alpha))[reach], target[reach])  # shifting t itself would not
+
+
+def test_sample_t_shift_of_the_rf_family_is_shift_time():
+    for name in ("rf", "rf/lognorm(0.00, 1.00)", "rf/mode(1.29)", "edm/rf"):
+        f = Formulation.from_name(name)
+        t1 = f.sample_t(1000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        t3 = f.sample_t(1000, generator=torch.Generator().manual_seed(5), shift=3.0, dtype=torch.float64)
+        eps = torch.finfo(torch.float64).eps
+        raw = f.sampler.draw(1000, torch.Generator().manual_seed(5))
+        assert torch.equal(t3, shift_time(raw, 3.0).clamp(eps, 1 - eps)), name  # bit for bit as before
+        assert torch.equal(t1, raw.clamp(eps, 1 - eps)), name
 
 
 def test_shift_time():

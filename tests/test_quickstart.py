@@ -27,9 +27,10 @@ def test_quickstart(tmp_path):
     assert (tmp_path / "red_000.png").is_file()
     # a second train into the same directory must not silently restart it
     assert main(["train", "--data", "shapes", "--max-steps", "20", "--out", str(run), *TINY]) == 2
-    # --resume with a larger --max-steps continues from step 20
-    assert main(["train", "--out", str(run), "--resume", "--max-steps", "22", "--seed", "0"]) == 0
-    assert load_state(find_checkpoint(run))["step"] == 22
+    # --resume continues a run exactly: a larger --max-steps would change its cosine schedule, so it is refused
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "22", "--seed", "0"]) == 2
+    assert main(["train", "--out", str(run), "--resume", "--seed", "0", "--log-every", "5"]) == 0
+    assert load_state(find_checkpoint(run))["step"] == 20
     assert main(["train", "--out", str(run), "--resume", "--seed", "1"]) == 2  # changing the seed would break it
     assert time.perf_counter() - t0 < 60
 

@@ -133,3 +133,125 @@ def test_a_trained_dit_samples_through_the_cli(tmp_path):
                  "--out", str(outs[1]), *FAST]) == 0
     singles = [Image.open(p.with_name(f"{p.stem}_000.png")) for p in outs]
     assert singles[0].size == (16, 16) and singles[0].tobytes() == singles[1].tobytes()
+
+
+# ---------------------------------------------------------------- classifier-free guidance's unconditional branch
+
+
+class HashText(torch.nn.Module):
+    """A text encoder whose features are a pure function of the caption (no weights to load)."""
+
+    context_dim = pooled_dim = 8
+    seq_len = 4
+    encoder_names = ("hash",)
+
+    def __init__(self):
+        super().__init__()
+        from rectflow.text import Part
+        self.parts = {"hash": Part(slice(None), slice(None), slice(None))}
+
+    def encode(self, captions):
+        import zlib
+        gens = [torch.Generator().manual_seed(zlib.crc32(c.encode())) for c in captions]
+        context = torch.stack([torch.randn(self.seq_len, self.context_dim, generator=g) for g in gens])
+        return context, context.mean(1) + 1
+
+
+class RecordingModel(torch.nn.Module):
+    """Zero output; records the context and pooled inputs of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, x, t, context, y):
+        self.calls.append((context.clone(), y.clone()))
+        return torch.zeros_like(x)
+
+
+def _tiny_pipeline(uncond_prompt=None):
+    from rectflow.autoencoder import Identity
+    from rectflow.flow import Formulation
+    from rectflow.sample import Pipeline
+    return Pipeline(RecordingModel(), Formulation.from_name("rf"), HashText(), Identity(), 4,
+                    uncond_prompt=uncond_prompt)
+
+
+def test_uncond_branch_is_zeros_the_empty_prompt_or_the_negative_prompt():
+    prompts = ["a red circle", "two blue squares"]
+    text = HashText()
+    for uncond_prompt, negative, expected in ((None, None, None), ("", None, ""), (None, "blurry", "blurry"),
+                                               ("", "blurry", "blurry")):
+        pipe = _tiny_pipeline(uncond_prompt)
+        generate(pipe, prompts, steps=1, cfg_scale=3.0, negative_prompt=negative)
+        (context, pooled), = pipe.model.calls
+        cond = text.encode(prompts)
+        torch.testing.assert_close(context[:2], cond[0])
+        torch.testing.assert_close(pooled[:2], cond[1])
+        if expected is None:  # rectflow runs: dropout to zeros
+            assert not context[2:].any() and not pooled[2:].any()
+        else:
+            u_context, u_pooled = text.encode([expected] * 2)
+            torch.testing.assert_close(context[2:], u_context)
+            torch.testing.assert_close(pooled[2:], u_pooled)
+    pipe = _tiny_pipeline("")
+    generate(pipe, prompts, steps=1, cfg_scale=3.0, encoders=[])  # no encoder kept: the uncond is zeros too
+    assert not pipe.model.calls[0][0].any() and not pipe.model.calls[0][1].any()
+
+
+def test_released_files_use_the_empty_prompt_and_runs_zeros(run_dir, tmp_path):
+    from rectflow.checkpoints import save_released
+    from rectflow.models.mmdit import MMDiT
+    assert load_pipeline(run=str(run_dir)).uncond_prompt is None
+    torch.manual_seed(0)
+    released = tmp_path / "released.safetensors"
+    save_released(MMDiT.from_depth(1, patch_size=4, in_channels=3, context_dim=384, pooled_dim=384, input_size=16,
+                                   hidden_size=64, num_heads=2, pos_embed_max_size=4), released)
+    pipe = load_pipeline(checkpoint=str(released), text_encoder="minilm", autoencoder="identity")
+    assert pipe.uncond_prompt == "" and pipe.weights is None and not pipe.train_config
+
+
+def test_negative_prompt_through_the_cli(run_dir, tmp_path):
+    outs = {}
+    for name, extra in (("zeros", []), ("neg", ["--negative-prompt", "a green triangle"])):
+        outs[name] = tmp_path / f"{name}.png"
+        assert main(["sample", "--run", str(run_dir), "--prompt", "a red circle", "--out", str(outs[name]),
+                     *FAST, *extra]) == 0
+    metas = {k: json.loads(Image.open(p).text["rectflow"]) for k, p in outs.items()}
+    assert metas["zeros"]["negative_prompt"] is None and metas["neg"]["negative_prompt"] == "a green triangle"
+    pipe = load_pipeline(run=str(run_dir))
+    base = generate(pipe, ["a red circle"], steps=3, cfg_scale=5.0)
+    assert not torch.equal(base, generate(pipe, ["a red circle"], steps=3, cfg_scale=5.0,
+                                          negative_prompt="a green triangle"))
+
+
+# ---------------------------------------------------------------- which weights are loaded
+
+
+def test_requested_weights_must_exist_and_metadata_names_the_file(run_dir, tmp_path, capsys):
+    import shutil
+    ck = find_checkpoint(run_dir)
+    only_raw = tmp_path / "only_raw"
+    only_raw.mkdir()
+    shutil.copy(ck / "model.safetensors", only_raw / "model.safetensors")
+    out = tmp_path / "x.png"
+    # asked for EMA weights that are not there: an error, not the raw weights labelled as EMA
+    assert main(["sample", "--checkpoint", str(only_raw), "--weights", "ema", "--prompt", "a", "--out", str(out),
+                 *FAST]) == 2
+    assert "no ema.safetensors" in capsys.readouterr().err and not out.exists()
+    # no --weights: the directory's one file, recorded as what it is
+    assert main(["sample", "--checkpoint", str(only_raw), "--prompt", "a", "--out", str(out), *FAST]) == 0
+    meta = json.loads(Image.open(out).text["rectflow"])
+    assert meta["weights"] == "raw" and meta["source"] == str(only_raw / "model.safetensors")
+    assert main(["sample", "--checkpoint", str(ck), "--weights", "raw", "--prompt", "a", "--out", str(out),
+                 *FAST]) == 0
+    meta = json.loads(Image.open(out).text["rectflow"])
+    assert meta["weights"] == "raw" and meta["source"] == str(ck / "model.safetensors")
+    assert main(["sample", "--run", str(run_dir), "--prompt", "a", "--out", str(out), *FAST]) == 0
+    meta = json.loads(Image.open(out).text["rectflow"])
+    assert meta["weights"] == "ema" and meta["source"] == str(ck / "ema.safetensors")
+    # --weights with a single file would be ignored: refused
+    assert main(["sample", "--checkpoint", str(ck / "model.safetensors"), "--weights", "ema", "--prompt", "a",
+                 "--out", str(out), *FAST]) == 2
+    assert "single weights file" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from rectflow.flow import Formulation
+from rectflow.flow import Formulation, shift_time
 from rectflow.sampling import (SOLVERS, formulation_grid, guided, sample, sample_dpmpp_2m, sample_euler, sample_heun,
                                time_grid)
 
@@ -89,19 +89,42 @@ def test_euler_reproduces_diffusers_sampling_loop():
 
 
 def test_formulation_grid_is_snr_matched():
-    rf_grid = time_grid(28, shift=3.0)
-    for name in ("rf", "rf/lognorm(0.00, 1.00)"):
-        assert torch.equal(formulation_grid(Formulation.from_name(name), 28, shift=3.0), rf_grid)
-    edm_rf = formulation_grid(Formulation.from_name("edm/rf"), 28, shift=3.0)  # same t, from sigma_max = 80 on
-    assert edm_rf[0] == 80 / 81 and torch.equal(edm_rf[1:], rf_grid[2:])  # rf_grid[1] = 0.9878 is above it
     rf = Formulation.from_name("rf")
-    for name in ("v/cos", "eps/cos", "eps/linear", "edm(0.00, 0.60)", "edm/cos"):
-        f = Formulation.from_name(name)
-        ts = formulation_grid(f, 28, shift=3.0)
-        assert ts[0] == f.t_max and ts[-1] == 0 and torch.all(torch.diff(ts) < 0)
-        inner = ts[1:-1]  # same log-SNR as rf's grid point, wherever the formulation reaches it
-        torch.testing.assert_close(f.lam(inner), rf.lam(rf_grid[-len(inner) - 1:-1]), rtol=1e-7, atol=0)
-    assert len(formulation_grid(Formulation.from_name("eps/linear"), 28, shift=3.0)) == 25  # SNR floor of LDM
+    for schedule in ("linear", "sd3"):
+        rf_grid = time_grid(28, shift=3.0, schedule=schedule)
+        for name in ("rf", "rf/lognorm(0.00, 1.00)", "rf/mode(1.29)", "rf/cosmap"):  # bit for bit: sd3 parity
+            assert torch.equal(formulation_grid(Formulation.from_name(name), 28, 3.0, schedule), rf_grid)
+        v_cos = Formulation.from_name("v/cos")  # spans all of rf time: rf's noise levels exactly
+        ts = formulation_grid(v_cos, 28, 3.0, schedule)
+        torch.testing.assert_close(v_cos.lam(ts[1:-1]), rf.lam(rf_grid[1:-1]), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("name", ["eps/linear", "v/linear", "eps/cos", "edm(0.00, 0.60)", "edm(-1.20, 1.20)",
+                                  "edm/rf", "edm/cos"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_formulation_grid_fits_the_reachable_range(name, shift):
+    """A formulation that starts below rf's t = 1 gets rf's grid laid over the rf times it reaches: from the rf time
+    of t_max down to 0, evenly in the unshifted position, then shifted (no point lost to clipping)."""
+    f = Formulation.from_name(name)
+    top = float(f.to_rf_time(f.t_max))
+    assert top < 1
+    for steps in (5, 25):
+        ts = formulation_grid(f, steps, shift)
+        u = shift_time(f.to_rf_time(ts), 1 / shift)  # back to the unshifted rf positions
+        expected = torch.linspace(shift_time(top, 1 / shift), 0, steps + 1, dtype=torch.float64)
+        torch.testing.assert_close(u, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["rf", "rf/mode(1.29)", "v/cos", "v/linear", "eps/linear", "eps/cos",
+                                  "edm(0.00, 0.60)", "edm(-1.20, 0.60)", "edm(1.20, 1.80)", "edm/rf", "edm/cos"])
+def test_formulation_grid_has_exactly_the_steps_asked_for(name):
+    f = Formulation.from_name(name)
+    for steps in (5, 25, 50):
+        for shift in (1.0, 3.0):
+            for schedule in ("linear", "sd3"):
+                ts = formulation_grid(f, steps, shift, schedule)
+                assert len(ts) == steps + 1, (steps, shift, schedule)
+                assert ts[0] == f.t_max and ts[-1] == f.t_min and torch.all(torch.diff(ts) < 0)
 
 
 # -- solvers on the Gaussian problem ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The trainer: config parsing, schedules, EMA maths, checkpoints, exact resume after SIGKILL, non-finite steps."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -77,6 +78,25 @@ def test_cli_rejects_bad_override(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--formulation", "rf/lognorm(0, -1)"], "config key 'formulation': invalid formulation 'rf/lognorm(0, -1)'"),
+    (["--formulation", "rf/flow"], "config key 'formulation': unknown formulation 'rf/flow'"),
+    (["--data", "/nonexistent/images"], "unknown data set '/nonexistent/images'"),
+    (["--text-encoder", "bert"], "unknown text encoder spec 'bert'"),
+    (["--text-encoder", "sd3:clip_l=/nonexistent/clip"], "no config.json in /nonexistent/clip"),
+    (["--resolution", "18"], "config key 'resolution': 18 px"),
+    (["--set", "data_options.colour=red"], "config key 'data_options'"),
+])
+def test_cli_config_errors_are_clean(tmp_path, capsys, flags, message):
+    """Errors of the config or of what it names: one `rectflow train: ...` line and exit code 2, no traceback."""
+    from rectflow.cli import main
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY_FLAGS, *flags]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("rectflow train: ")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_override_precedence_and_values(tmp_path):
     import argparse
 
@@ -93,6 +113,45 @@ def test_override_precedence_and_values(tmp_path):
     assert cfg.data_options == {"categories": ["counting"]} and cfg.hidden == 128 and cfg.heads is None
     assert TrainConfig().effective_adam_eps == 1e-15  # qk-norm on: the paper's eps
     assert apply_overrides(TrainConfig(), ["qk_norm=none"]).effective_adam_eps == 1e-8
+
+
+def _resume_args(out: Path, *extra: str):
+    """Parsed `rectflow train --out OUT --resume ...` arguments."""
+    import argparse
+
+    from rectflow.train import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--out", str(out), "--resume", *extra])
+
+
+def test_resume_refuses_a_new_max_steps_under_the_cosine_schedule(tmp_path, capsys):
+    from rectflow.cli import main
+    from rectflow.train import config_from_args
+    cosine, constant = tmp_path / "cosine", tmp_path / "constant"
+    for run, schedule in ((cosine, "cosine"), (constant, "constant")):
+        run.mkdir()
+        tiny(max_steps=10, lr_schedule=schedule).save(run / "config.yaml")
+    with pytest.raises(ValueError, match=r"max_steps \(10 -> 20\).*'cosine'"):
+        config_from_args(_resume_args(cosine, "--max-steps", "20"))
+    assert main(["train", "--out", str(cosine), "--resume", "--max-steps", "20"]) == 2
+    assert "cannot change max_steps (10 -> 20)" in capsys.readouterr().err
+    assert config_from_args(_resume_args(cosine, "--max-steps", "10", "--log-every", "5")).log_every == 5
+    assert config_from_args(_resume_args(constant, "--max-steps", "20")).max_steps == 20
+
+
+def test_resume_applies_config_as_checked_overrides(tmp_path):
+    from rectflow.train import config_from_args
+    run = tmp_path / "r"
+    run.mkdir()
+    tiny(max_steps=10).save(run / "config.yaml")
+    bookkeeping, compute = tmp_path / "b.yaml", tmp_path / "c.yaml"
+    bookkeeping.write_text("log_every: 7\nsample_every: 0\n")
+    compute.write_text("lr: 0.005\nlog_every: 7\n")
+    cfg = config_from_args(_resume_args(run, "--config", str(bookkeeping)))
+    assert cfg.log_every == 7 and cfg == dataclasses.replace(tiny(max_steps=10), log_every=7)
+    with pytest.raises(ValueError, match=r"cannot change lr: 0.001 -> 0.005"):
+        config_from_args(_resume_args(run, "--config", str(compute)))
 
 
 def test_help_documents_every_field():
@@ -116,6 +175,24 @@ def test_shipped_configs_load():
         load_config(path).validate()
     assert load_config(ROOT / "configs" / "demo.yaml") == recipe()
     assert set(DEMO_RECIPE) <= set(TrainConfig().to_dict())
+
+
+def test_text_drop_is_automatic_per_encoder_count(tmp_path):
+    """text_drop null: 0.1 ** (1 / k) for k encoders, so 10% of samples see no text (k = 3: the paper's 0.464)."""
+    from rectflow.studies.common import RECIPE, StudyOptions, study_config
+    assert TrainConfig().text_drop is None
+    assert TrainConfig().effective_text_drop(3) == pytest.approx(0.464, abs=5e-4)
+    assert TrainConfig().effective_text_drop(1) == pytest.approx(0.1)
+    assert tiny(text_drop=0.3).effective_text_drop(3) == 0.3
+    with pytest.raises(ValueError, match="'text_drop'"):
+        tiny(text_drop=1.5).validate()
+    # the trainer resolves it with its text encoder (MiniLM: one encoder) and trains with it
+    assert train_mod.Trainer(tiny(), tmp_path / "probe").text_drop == pytest.approx(0.1)
+    assert _run_losses(tmp_path, "auto", bf16=False) == _run_losses(tmp_path, "explicit", bf16=False, text_drop=0.1)
+    assert load_config(tmp_path / "auto" / "config.yaml").text_drop is None
+    # the studies keep the value their runs were made with
+    assert RECIPE["text_drop"] == 0.464
+    assert study_config(StudyOptions(study="formulations"), steps=10).text_drop == 0.464
 
 
 def test_arch_builds_the_baselines_at_the_mmdit_size():
@@ -253,11 +330,32 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert [r["loss"] is None for r in recs] == [False, False, True, True, False, False]
     assert recs[2]["nonfinite"] and recs[2]["bad_loss"] == "nan"
     ck = tmp_path / "r" / "checkpoints"
-    assert sorted(d.name for d in ck.glob("step_*")) == [f"step_{s:08d}" for s in (1, 2, 5, 6)]
+    # a skipped step leaves the weights unchanged: its checkpoint is written like any other
+    assert sorted(d.name for d in ck.glob("step_*")) == [f"step_{s:08d}" for s in range(1, 7)]
+    assert load_state(ck / "step_00000004")["bad_streak"] == 2
     state = load_state(ck / "step_00000006")
     assert state["skipped"] == 2 and state["step"] == 6
     # a skipped step never reaches the optimizer: AdamW counted 4 updates in 6 steps
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}
+
+
+def test_final_checkpoint_after_a_nonfinite_last_step(tmp_path, monkeypatch):
+    """The last step skipped (non-finite) still ends the run with a final checkpoint of the unchanged weights."""
+    real = train_mod.compute_loss
+    calls = {"n": 0}
+
+    def last_bad(*args, **kw):
+        calls["n"] += 1
+        loss = real(*args, **kw)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "compute_loss", last_bad)
+    train(tiny(max_steps=3, checkpoint_every=0, max_bad_steps=3), tmp_path / "r")
+    assert losses(tmp_path / "r")[-1] is None
+    final = find_checkpoint(tmp_path / "r")
+    assert final is not None and final.name == "step_00000003"
+    state = load_state(final)
+    assert state["step"] == 3 and state["skipped"] == 1 and state["bad_streak"] == 1
 
 
 def test_nonfinite_streak_aborts_with_checkpoint_intact(tmp_path, monkeypatch):
@@ -271,14 +369,36 @@ def test_nonfinite_streak_aborts_with_checkpoint_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "compute_loss", broken)
     cfg = tiny(max_steps=50, checkpoint_every=2, max_bad_steps=4)
-    with pytest.raises(TrainingAborted, match=r"4 non-finite .*step_00000002"):
+    with pytest.raises(TrainingAborted, match=r"4 non-finite .*step_00000004"):
         train(cfg, tmp_path / "r")
-    assert find_checkpoint(tmp_path / "r").name == "step_00000002"
-    assert load_state(find_checkpoint(tmp_path / "r"))["step"] == 2
+    # step 4 (two skipped steps in) is checkpointed with step 2's weights; the abort at step 6 writes nothing
+    from safetensors.torch import load_file
+    ck = tmp_path / "r" / "checkpoints"
+    assert find_checkpoint(tmp_path / "r").name == "step_00000004"
+    assert load_state(find_checkpoint(tmp_path / "r"))["step"] == 4
+    two, four = (load_file(ck / f"step_0000000{s}" / "model.safetensors") for s in (2, 4))
+    assert all(torch.equal(two[k], four[k]) for k in two)
     assert len(losses(tmp_path / "r")) == 6
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_directory_is_flushed_before_and_after_the_rename(tmp_path, monkeypatch):
+    """fsync order of save_checkpoint: the three files, the temp directory, then (after the rename) its parent."""
+    events = []
+    real_fsync, real_replace = train_mod._fsync, os.replace
+    monkeypatch.setattr(train_mod, "_fsync", lambda p: (events.append(("fsync", Path(p))), real_fsync(p)))
+    monkeypatch.setattr(train_mod.os, "replace", lambda a, b: (events.append(("replace", Path(a))), real_replace(a, b)))
+    model = train_mod.build_model(tiny(), 3, 16, 384, 384)
+    ck_root = tmp_path / "checkpoints"
+    train_mod.save_checkpoint(tmp_path, 1, model, model, {"step": 1}, tiny())
+    rename = next(i for i, (kind, p) in enumerate(events) if kind == "replace" and p.name.startswith(".tmp-step_"))
+    tmp_dir = events[rename][1]
+    synced = [p for kind, p in events[:rename] if kind == "fsync"]
+    assert {p.name for p in synced if p.parent == tmp_dir} == {"model.safetensors", "ema.safetensors", "state.pt"}
+    assert synced[-1] == tmp_dir  # the directory, after its files and before the rename
+    assert events[rename + 1] == ("fsync", ck_root)
 
 
 def test_stale_temp_and_broken_pointer_do_not_break_loading(tmp_path):
@@ -305,6 +425,33 @@ def test_stale_temp_and_broken_pointer_do_not_break_loading(tmp_path):
     assert find_checkpoint(run).name == "step_00000005"
     assert load_state(find_checkpoint(run))["step"] == 5
     assert len(losses(run)) == 5
+
+
+def test_config_and_metrics_rewrites_are_atomic(tmp_path, monkeypatch):
+    """On start and resume config.yaml and metrics.jsonl are replaced whole (temp file + os.replace): a failure in
+    the middle leaves the old files as they were."""
+    run = tmp_path / "r"
+    cfg = tiny(max_steps=2, checkpoint_every=1)
+    train(cfg, run)
+    with open(run / "metrics.jsonl", "a") as fh:  # a step logged after the last checkpoint, then a kill
+        fh.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    originals = {name: (run / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
+    real_replace = os.replace
+    for name in originals:
+        def failing(src, dst, name=name):
+            if Path(dst).name == name:
+                raise OSError(f"simulated crash while replacing {name}")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", failing)
+        with pytest.raises(OSError, match=f"simulated crash while replacing {name}"):
+            train(cfg, run, resume=True)
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert {n: (run / n).read_text() for n in originals} == originals
+        assert not list(run.glob(".*.tmp"))  # the temp file is removed
+    inode = (run / "metrics.jsonl").stat().st_ino
+    train(cfg, run, resume=True)
+    assert len(losses(run)) == 2 and (run / "metrics.jsonl").stat().st_ino != inode
 
 
 def _train_cmd(run: Path, steps: int, resume: bool = False) -> list[str]:

@@ -148,12 +148,22 @@ def reference_fit(encoder, data: str, resolution: int, n: int, data_options: dic
 # ---------------------------------------------------------------- the evaluation
 
 
-def load_weights(run: str, weights: str, pipe, device):
-    """The pipeline with the run's `weights` ('ema' or 'raw') of its latest checkpoint."""
+def latest_checkpoint(run: str) -> Path:
+    """The run's latest complete checkpoint directory; every weight set is read from this one directory, even if the
+    run writes a newer checkpoint meanwhile."""
+    from rectflow.train import find_checkpoint
+    ck = find_checkpoint(run)
+    if ck is None:
+        raise FileNotFoundError(f"run {run} has no complete checkpoint (checkpoints/latest or step_N missing)")
+    return ck
+
+
+def load_weights(ck_dir: Path, weights: str, pipe, device):
+    """The pipeline with the `weights` ('ema' or 'raw') of checkpoint directory ck_dir."""
     from rectflow.sample import load_model, resolve_weights
-    path = resolve_weights(run, None, weights)
+    path = resolve_weights(None, str(ck_dir), weights)
     model, _ = load_model(path, device)
-    return dataclasses.replace(pipe, model=model, source=str(path))
+    return dataclasses.replace(pipe, model=model, source=str(path), weights=weights)
 
 
 def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]] | None = None,
@@ -171,7 +181,8 @@ def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]]
     start = time.perf_counter()
     settings = settings or parse_settings(PAPER_SETTINGS)
     device = torch.device(device)
-    pipe = load_pipeline(run, None, weights[0], device)
+    ck_dir = latest_checkpoint(run)
+    pipe = load_pipeline(run, None, weights[0], device, step_dir=ck_dir)
     cfg = pipe.train_config
     data, options = cfg.get("data", "shapes"), cfg.get("data_options") or {}
     shift = cfg.get("shift", 1.0) if shift is None else shift
@@ -191,7 +202,7 @@ def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]]
     checkpoints = {}
     for i, w in enumerate(weights):
         if i:  # load_pipeline loaded the first weight set
-            pipe = load_weights(run, w, pipe, device)
+            pipe = load_weights(ck_dir, w, pipe, device)
         checkpoints[w] = pipe.source
         report["val_loss"][w] = validation_loss(pipe.model, pipe.formulation, *val_inputs, seed=seed,
                                                 batch_size=batch_size, bf16=bf16)
@@ -304,12 +315,24 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_outputs(report: dict, out: Path) -> tuple[Path, Path, Path]:
-    """JSON, markdown and plot side by side."""
+    """JSON, markdown and plot side by side: all three rendered to temp files first, then renamed into place, the
+    JSON last; a failure or kill on the way leaves every file whole (old or new), never part of one."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     md, png = out.with_suffix(".md"), out.with_suffix(".png")
-    md.write_text(markdown(report))
-    plot(report, png)
+    temps = {}
+    try:
+        for final in (md, png, out):
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix, dir=final.parent)
+            os.close(fd)
+            temps[final] = Path(tmp)
+        temps[md].write_text(markdown(report))
+        plot(report, temps[png])
+        temps[out].write_text(json.dumps(report, indent=2) + "\n")
+        for final, tmp in temps.items():
+            os.replace(tmp, final)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
     return out, md, png
 
 
