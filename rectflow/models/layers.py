@@ -186,3 +186,24 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.adaLN_modulation[1].bias)
     nn.init.zeros_(model.final_layer.linear.weight)
     nn.init.zeros_(model.final_layer.linear.bias)
+
+
+def embed_inputs(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    """The forward prelude shared by MM-DiT and the baselines: (image tokens + positions, SiLU(c), h, w, dtype)."""
+    b, _, height, width = x.shape
+    p = model.patch_size
+    if height % p or width % p:
+        raise ValueError(f"input {height} x {width} is not divisible by the patch size {p}")
+    h, w = height // p, width // p
+    t = t.expand(b) if t.ndim == 0 else t
+    dtype = model.x_embedder.proj.weight.dtype  # the residual stream's dtype: fp32 under autocast
+    x, y = x.to(dtype), y.to(dtype)  # lets a model cast to bf16 take fp32 inputs
+    tokens = model.x_embedder(x) + model.position_embedding(h, w).to(dtype)
+    c_act = F.silu(model.t_embedder(t) + model.y_embedder(y))  # every adaLN starts with SiLU(c): compute it once
+    return tokens, c_act, h, w, dtype
+
+
+def unpatchify(out: torch.Tensor, h: int, w: int, p: int, c: int) -> torch.Tensor:
+    """Patch outputs [B, h * w, p * p * C] (ordered p, p, C, as the released MM-DiT) -> image [B, C, h p, w p]."""
+    out = out.reshape(out.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return out.reshape(out.shape[0], c, h * p, w * p)

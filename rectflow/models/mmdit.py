@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rectflow.models.layers import (
+    embed_inputs,
+    unpatchify,
     init_weights,
     Mlp,
     PatchEmbed,
@@ -333,17 +335,8 @@ class MMDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Predict the model output for latents x at times t in [0, 1] (t = 0 data, t = 1 noise)."""
-        b, _, height, width = x.shape
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(f"input {height} x {width} is not divisible by the patch size {p}")
-        h, w = height // p, width // p
-        t = t.expand(b) if t.ndim == 0 else t
-        dtype = self.x_embedder.proj.weight.dtype  # the residual stream's dtype: fp32 under autocast
-        x, context, y = x.to(dtype), context.to(dtype), y.to(dtype)  # lets a model cast to bf16 take fp32 inputs
-        tokens = self.x_embedder(x) + self.position_embedding(h, w).to(dtype)
-        c_act = F.silu(self.t_embedder(t) + self.y_embedder(y))  # every adaLN starts with SiLU(c): compute it once
-        ctx = self.context_embedder(context)
+        tokens, c_act, h, w, dtype = embed_inputs(self, x, t, y)
+        ctx = self.context_embedder(context.to(dtype))
         for block in self.joint_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 ctx, tokens = checkpoint(block, ctx, tokens, c_act, use_reentrant=False)
@@ -354,6 +347,4 @@ class MMDiT(nn.Module):
 
     def unpatchify(self, out: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Patch outputs [B, h * w, p * p * C] (ordered p, p, C) -> image [B, C, h p, w p]."""
-        p, c = self.patch_size, self.out_channels
-        out = out.reshape(out.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(out.shape[0], c, h * p, w * p)
+        return unpatchify(out, h, w, self.patch_size, self.out_channels)
