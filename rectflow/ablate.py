@@ -192,8 +192,25 @@ def write_report(module, opts: StudyOptions, grid: Grid) -> Path:
         lines += [f"**Partial report**: {len(missing)} of {len(grid.runs)} runs unfinished ({', '.join(missing)}).", ""]
     path = Path(opts.out) / f"{opts.study}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n" + body.strip() + "\n")
+    text = "\n".join(lines) + "\n" + body.strip() + "\n" + kept_notes(path, reproduce_command(opts))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     return path
+
+
+NOTES = "## Notes on this run"
+
+
+def kept_notes(path: Path, command: str) -> str:
+    """The hand-written notes section of an earlier report of the same command (rewriting a report keeps them; a
+    report of other runs drops them: they describe different runs)."""
+    if not path.is_file():
+        return ""
+    old = path.read_text()
+    if NOTES not in old or f"    {command}\n" not in old:
+        return ""
+    return "\n" + NOTES + old.split(NOTES, 1)[1].rstrip() + "\n"
 
 
 def _device_words(opts: StudyOptions) -> str:

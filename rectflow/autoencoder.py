@@ -215,19 +215,22 @@ def fit_latent_stats(model: SmallAE, dataset, batches: int = 8, batch: int = 64,
 def train_small_ae(dataset, channels: int = 4, factor: int = 4, steps: int = 2000, batch: int = 32,
                    lr: float = 1e-3, loss: str = "l1", kl_weight: float = 1e-6, width: int = 64, seed: int = 0,
                    device: str | torch.device | None = None,
-                   callback: Callable[[int, float], None] | None = None) -> SmallAE:
+                   callback: Callable[[int, float], None] | None = None, progress: bool = True) -> SmallAE:
     """Train a SmallAE on a data set's images (AdamW, random batches), then fit its latent scale and shift.
 
     Objective: L1 or MSE reconstruction + kl_weight * KL(posterior || N(0, I)) (mean per element). With
     kl_weight > 0 the decoder sees posterior samples, which keeps the latent space smooth for the flow model;
-    with 0 it is a plain autoencoder on the mean. callback(step, loss) is called after every step.
+    with 0 it is a plain autoencoder on the mean. callback(step, loss) is called after every step; progress shows a
+    bar on stderr.
     """
+    from tqdm import tqdm
     torch.manual_seed(seed)
     model = SmallAE(channels, factor, width).to(device or "cpu").train()
     device = model.shift.device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    bar = tqdm(range(steps), unit="step", desc=f"small AE ({channels} ch)", disable=not progress, dynamic_ncols=True)
+    for step in bar:
         images = _batch(dataset, torch.randint(len(dataset), (batch,), generator=g)).to(device)
         mean, logvar = model.posterior(images)
         if kl_weight > 0:
@@ -242,6 +245,7 @@ def train_small_ae(dataset, channels: int = 4, factor: int = 4, steps: int = 200
         if callback is not None:
             callback(step, value.item())
         if step % 100 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{value.item():.4f}")
             log.info("small AE step %d/%d: loss %.4f (kl %.3g)", step + 1, steps, value.item(), kl.item())
     model.eval()
     fit_latent_stats(model, dataset, seed=seed)

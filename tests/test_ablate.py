@@ -158,6 +158,13 @@ def test_grid_workers_skip_finished_runs_and_report(tmp_path):
     path = ablate.write_report(fake_study(calls), opts, grid)
     text = path.read_text()
     assert '{"a": 1, "b/c": 2, "d": 3, "e": 4}' in text and "rectflow ablate fake --budget 1" in text
+    # hand-written notes of the same runs survive a rewrite; a report of other runs drops them
+    path.write_text(text + "\n## Notes on this run\n\nOne seed only.\n")
+    rewritten = ablate.write_report(fake_study(calls), opts, grid).read_text()
+    assert rewritten.endswith("## Notes on this run\n\nOne seed only.\n")
+    other = StudyOptions("fake", runs_dir=tmp_path / "runs", out=tmp_path / "out", budget=0.5)
+    other_grid = ablate.Grid(fake_study(calls), other, [])
+    assert "One seed" not in ablate.write_report(fake_study(calls), other, other_grid).read_text()
 
 
 def test_needed_runs_are_done_first_and_locks_are_respected(tmp_path):
