@@ -10,7 +10,7 @@ metrics.jsonl, checkpoints/), eval/ (one JSON per evaluation setting) and result
 result.json is finished and never redone; any other resumes (training from its latest checkpoint, evaluation at the
 settings not yet written). A lock per run lets several processes share a study; --worker i/n restricts a process
 to runs i, i+n, ... Whichever process finds every run finished writes the report, OUT/STUDY.md with its figures in
-OUT/STUDY/ (or run `--report-only` later).
+OUT/STUDY/ and every run's result in OUT/STUDY/results.json and results.csv (or run `--report-only` later).
 """
 from __future__ import annotations
 
@@ -192,11 +192,42 @@ def write_report(module, opts: StudyOptions, grid: Grid) -> Path:
         lines += [f"**Partial report**: {len(missing)} of {len(grid.runs)} runs unfinished ({', '.join(missing)}).", ""]
     path = Path(opts.out) / f"{opts.study}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(fig_dir / "results.json", {"study": opts.study, "budget": opts.budget,
+                                          "command": reproduce_command(opts), "missing": missing, "runs": results})
+    write_csv(fig_dir / "results.csv", results)
     text = "\n".join(lines) + "\n" + body.strip() + "\n" + kept_notes(path, reproduce_command(opts))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def flatten(obj, prefix: str = "") -> dict:
+    """Nested dicts as one level of dotted keys: {"scores": {"s": {"fid": 1}}} -> {"scores.s.fid": 1}."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out = {}
+    for k, v in obj.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def write_csv(path: Path, results: dict[str, dict]) -> None:
+    """One row per finished run, one column per (dotted) result field; lists are written as JSON."""
+    import csv
+    import io
+    import json
+    rows = {name: flatten(res) for name, res in results.items()}
+    columns = sorted({k for row in rows.values() for k in row})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["run", *columns])
+    for name, row in rows.items():
+        writer.writerow([name, *(json.dumps(v) if isinstance(v, list) else ("" if v is None else v)
+                                 for v in (row.get(c) for c in columns))])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
 
 
 NOTES = "## Notes on this run"

@@ -1,6 +1,7 @@
 """`rectflow ablate`: ranking maths, image metrics, the grid runner (resume, workers, locks), one real tiny study."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import types
@@ -158,6 +159,11 @@ def test_grid_workers_skip_finished_runs_and_report(tmp_path):
     path = ablate.write_report(fake_study(calls), opts, grid)
     text = path.read_text()
     assert '{"a": 1, "b/c": 2, "d": 3, "e": 4}' in text and "rectflow ablate fake --budget 1" in text
+    with open(opts.out / "fake" / "results.csv") as fh:
+        table = {row["run"]: row for row in csv.DictReader(fh)}
+    assert sorted(table) == ["a", "b/c", "d", "e"] and table["d"]["value"] == "3"
+    saved = json.loads((opts.out / "fake" / "results.json").read_text())
+    assert saved["command"] == "rectflow ablate fake --budget 1" and sorted(saved["runs"]) == ["a", "b/c", "d", "e"]
     # hand-written notes of the same runs survive a rewrite; a report of other runs drops them
     path.write_text(text + "\n## Notes on this run\n\nOne seed only.\n")
     rewritten = ablate.write_report(fake_study(calls), opts, grid).read_text()
