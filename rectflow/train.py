@@ -353,7 +353,20 @@ def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_di
         options = {"context_splits": context_splits} if cfg.arch == "mmdit3" else {}
         model = baselines.from_config(baselines.matched(cfg.arch, model, **options))
     model.gradient_checkpointing = cfg.grad_checkpointing
+    warn_patch_bottleneck(cfg.patch_size, in_channels, model.config["hidden_size"])
     return model
+
+
+def warn_patch_bottleneck(patch: int, channels: int, hidden: int) -> None:
+    """Warn when a patch holds more values than the hidden width: the linear patch embedding and output layer then
+    have rank `hidden`, so the velocity of the remaining directions is always zero and that part of the initial
+    noise stays in every sample (sampling cannot remove it, however long the model trains)."""
+    if patch * patch * channels > hidden:
+        import warnings
+        warnings.warn(f"patch_size {patch} x {patch} x {channels} channels = {patch * patch * channels} values per "
+                      f"token exceeds the hidden width {hidden}: samples will keep "
+                      f"{1 - hidden / (patch * patch * channels):.0%} of the noise; use a smaller patch_size or a "
+                      f"larger hidden", stacklevel=3)
 
 
 def context_splits(text) -> list[int] | None:

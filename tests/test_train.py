@@ -214,6 +214,15 @@ def test_arch_builds_the_baselines_at_the_mmdit_size():
         tiny(arch="unet").validate()
 
 
+def test_a_patch_wider_than_the_hidden_width_warns():
+    import warnings
+    with pytest.warns(UserWarning, match=r"192 values per token exceeds the hidden width 64: samples will keep 67%"):
+        train_mod.build_model(tiny(patch_size=8, hidden=64, heads=2), 3, 64, 384, 384)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_mod.build_model(tiny(), 3, 16, 384, 384)
+
+
 def test_context_splits_follow_the_text_encoder_parts():
     from rectflow.text import Part
     one = {"minilm": Part(slice(None), slice(None), slice(None))}
