@@ -286,3 +286,15 @@ def test_architecture_study_sets_arch_in_the_config(tmp_path, tiny_scorer):
     assert isinstance(load_pipeline(run=str(run_dir)).model, DiT)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["arch"] == "dit" and len(result["curve"]) >= 2
+
+
+def test_no_study_run_has_a_patch_wider_than_its_hidden_width(tmp_path):
+    # patch^2 x channels > hidden makes the patch embedding a rank bottleneck (rectflow.train.warn_patch_bottleneck)
+    import importlib
+
+    from rectflow.studies import STUDIES
+    for study, module in STUDIES.items():
+        for run in importlib.import_module(module).runs(StudyOptions(study, runs_dir=tmp_path)):
+            if "train" in run.spec:
+                t, channels = run.spec["train"], run.spec.get("channels", 3)
+                assert t["patch_size"] ** 2 * channels <= t["hidden"], (study, run.name)
