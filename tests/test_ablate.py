@@ -199,6 +199,19 @@ def test_a_changed_run_is_not_resumed_in_the_same_folder(tmp_path):
         other.attempt(other.runs[0])
 
 
+def test_result_changing_options_get_their_own_runs_folder(tmp_path):
+    base = StudyOptions("shift", runs_dir=tmp_path)
+    assert base.study_dir == tmp_path / "shift" / "budget-1"
+    # picking runs (--variants, --grid) or where they run shares the folder: the runs are the same
+    same = StudyOptions("shift", runs_dir=tmp_path, variants=["shift-3"], grid="paper", device="cpu", out=tmp_path)
+    assert same.study_dir == base.study_dir
+    changed = [StudyOptions("shift", runs_dir=tmp_path, **kw).study_dir
+               for kw in ({"overrides": ["resolution=32"]}, {"seed": 1}, {"samples": 12}, {"data": "emoji"})]
+    assert len(set(changed)) == 4 and base.study_dir not in changed
+    assert all(d.parent == base.study_dir.parent and d.name.startswith("budget-1-") for d in changed)
+    assert StudyOptions("shift", runs_dir=tmp_path, seed=1).study_dir == changed[1]  # stable across processes
+
+
 def test_variants_workers_and_overrides():
     runs = fake_runs()
     assert [r.name for r in ablate.select(runs, ["d"])] == ["a", "d"]  # with what d needs
@@ -226,7 +239,7 @@ def test_cli_parses_ablate():
 # ---------------------------------------------------------------- one real study, tiny
 
 
-TINY = ["resolution=16", "patch_size=4", "depth=1", "hidden=32", "heads=2", "batch_size=8"]
+TINY = ["resolution=16", "patch_size=4", "depth=1", "hidden=48", "heads=2", "batch_size=8"]
 
 
 @pytest.fixture

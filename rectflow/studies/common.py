@@ -59,10 +59,18 @@ class StudyOptions:
     runs_dir: Path = Path("runs/ablate")
     out: Path = Path("docs/results")
 
+    # the options that change what a run computes (--variants and --grid only pick runs of the same kind)
+    RESULT_OPTIONS = ("data", "text_encoder", "encoder", "samples", "seed", "overrides")
+
     @property
     def study_dir(self) -> Path:
-        """Where this study's runs live at this budget."""
-        return Path(self.runs_dir) / self.study / f"budget-{self.budget:g}"
+        """Where this study's runs live: budget-B, with a hash of the other result-changing options when they are not
+        the defaults (so `--set resolution=32` gets runs of its own instead of clashing with the default ones)."""
+        import hashlib
+        changed = {k: getattr(self, k) for k in self.RESULT_OPTIONS
+                   if getattr(self, k) != getattr(StudyOptions(self.study), k)}
+        suffix = "-" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
+        return Path(self.runs_dir) / self.study / f"budget-{self.budget:g}{suffix}"
 
     @property
     def n_samples(self) -> int:

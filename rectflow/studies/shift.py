@@ -81,9 +81,10 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
     """One table per metric: training shift (rows) x sampling shift (columns); heat maps."""
     if not results:
         return "\nNo run finished yet.\n"
-    res = next(iter(results.values()))["resolution"]
+    cfg = config(opts, ALPHAS[0])  # the recipe with the user's --set changes, which may move resolution and patch
+    res = cfg.resolution
     lines = ["## Results", "",
-             f"Trained and sampled at {res} px ({PATCH} px patches); rule of thumb alpha = sqrt({res}^2 / "
+             f"Trained and sampled at {res} px ({cfg.patch_size} px patches); rule of thumb alpha = sqrt({res}^2 / "
              f"{BASE_RESOLUTION}^2) = {res / BASE_RESOLUTION:g}. Samples: {SAMPLER[0]} Euler steps, CFG "
              f"{SAMPLER[1]:g}, EMA weights. Rows: training shift; columns: sampling shift.", ""]
     for metric, label, digits in METRICS:
