@@ -14,9 +14,9 @@ from rectflow.train import build_model, save_checkpoint
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A shapes run at 32 px: depth 1, hidden 32, patch 4, MiniLM conditioning; EMA and raw weights differ."""
+    """A shapes run at 32 px: depth 1, hidden 48, patch 4, MiniLM conditioning; EMA and raw weights differ."""
     run = tmp_path_factory.mktemp("tiny_run")
-    cfg = TrainConfig(depth=1, hidden=32, heads=2, patch_size=4, resolution=32, sample_every=0).validate()
+    cfg = TrainConfig(depth=1, hidden=48, heads=2, patch_size=4, resolution=32, sample_every=0).validate()
     cfg.save(run / "config.yaml")
     torch.manual_seed(0)
     model = build_model(cfg, in_channels=3, latent_size=32, context_dim=384, pooled_dim=384)
@@ -100,7 +100,7 @@ def test_reference_cache_is_written_atomically(tmp_path, monkeypatch):
 
 def test_eval_loads_a_baseline_run(tmp_path):
     """A run of another architecture (arch: dit) is evaluated through its stored "arch"."""
-    cfg = TrainConfig(arch="dit", depth=1, hidden=32, heads=2, patch_size=4, resolution=32, sample_every=0).validate()
+    cfg = TrainConfig(arch="dit", depth=1, hidden=48, heads=2, patch_size=4, resolution=32, sample_every=0).validate()
     cfg.save(tmp_path / "config.yaml")
     torch.manual_seed(0)
     model = build_model(cfg, in_channels=3, latent_size=32, context_dim=384, pooled_dim=384)
@@ -137,7 +137,7 @@ def test_one_checkpoint_for_all_weight_sets_and_atomic_outputs(tmp_path, monkeyp
     import rectflow.evaluate.run as run_mod
     import rectflow.evaluate.val_loss as val_loss_mod
     from rectflow.evaluate.run import evaluate_run, write_outputs
-    cfg = TrainConfig(depth=1, hidden=32, heads=2, patch_size=4, resolution=32, sample_every=0).validate()
+    cfg = TrainConfig(depth=1, hidden=48, heads=2, patch_size=4, resolution=32, sample_every=0).validate()
     cfg.save(tmp_path / "config.yaml")
     torch.manual_seed(0)
     model = build_model(cfg, in_channels=3, latent_size=32, context_dim=384, pooled_dim=384)
