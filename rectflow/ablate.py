@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from rectflow.config import write_text_atomic
 from rectflow.studies import STUDIES
 from rectflow.studies.common import Run, StudyOptions, read_json, write_json
 
@@ -195,10 +196,7 @@ def write_report(module, opts: StudyOptions, grid: Grid) -> Path:
     write_json(fig_dir / "results.json", {"study": opts.study, "budget": opts.budget,
                                           "command": reproduce_command(opts), "missing": missing, "runs": results})
     write_csv(fig_dir / "results.csv", results)
-    text = "\n".join(lines) + "\n" + body.strip() + "\n" + kept_notes(path, reproduce_command(opts))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines) + "\n" + body.strip() + "\n" + kept_notes(path, reproduce_command(opts)))
     return path
 
 
@@ -225,9 +223,7 @@ def write_csv(path: Path, results: dict[str, dict]) -> None:
     for name, row in rows.items():
         writer.writerow([name, *(json.dumps(v) if isinstance(v, list) else ("" if v is None else v)
                                  for v in (row.get(c) for c in columns))])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    write_text_atomic(path, buf.getvalue())
 
 
 NOTES = "## Notes on this run"

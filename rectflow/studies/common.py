@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,12 +101,10 @@ def scaled(n: int, budget: float, minimum: int = 1) -> int:
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temp file, then rename), so a kill never leaves half a file."""
+    from rectflow.config import write_text_atomic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def read_json(path: Path):
