@@ -183,20 +183,21 @@ def write_report(module, opts: StudyOptions, grid: Grid) -> Path:
     missing = [r.name for r in grid.runs if r.name not in results]
     fig_dir = Path(opts.out) / opts.study
     body = module.report(results, opts, fig_dir)
+    command = reproduce_command(opts)
     hours = sum(r.get("wall_seconds", 0.0) for r in results.values()) / 3600
     machines = ", ".join(sorted({r.get("machine", "?") for r in results.values()})) or "nothing yet"
     lines = [f"# {module.TITLE}", "",
              f"Budget {opts.budget:g}: {hours:.2f} h of run time (the last attempt of each run) on {machines}; data "
              f"`{opts.data}`, text encoder `{opts.text_encoder}`, scored with `{opts.encoder}`. Reproduce with:", "",
-             f"    {reproduce_command(opts)}", ""]
+             f"    {command}", ""]
     if missing:
         lines += [f"**Partial report**: {len(missing)} of {len(grid.runs)} runs unfinished ({', '.join(missing)}).", ""]
     path = Path(opts.out) / f"{opts.study}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(fig_dir / "results.json", {"study": opts.study, "budget": opts.budget,
-                                          "command": reproduce_command(opts), "missing": missing, "runs": results})
+                                          "command": command, "missing": missing, "runs": results})
     write_csv(fig_dir / "results.csv", results)
-    write_text_atomic(path, "\n".join(lines) + "\n" + body.strip() + "\n" + kept_notes(path, reproduce_command(opts)))
+    write_text_atomic(path, "\n".join(lines) + "\n" + body.strip() + "\n" + kept_notes(path, command))
     return path
 
 

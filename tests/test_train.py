@@ -323,16 +323,20 @@ def test_loss_falls_on_shapes(tmp_path):
     assert load_config(tmp_path / "r" / "config.yaml") == cfg
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    real = train_mod.compute_loss
-    calls = {"n": 0}
+def poison_loss(monkeypatch, bad, poison: float = float("nan")) -> None:
+    """Make the trainer's loss non-finite (loss + poison) on the calls, counted from 1, where bad(call) holds."""
+    real, calls = train_mod.compute_loss, {"n": 0}
 
-    def flaky(*args, **kw):
+    def poisoned(*args, **kw):
         calls["n"] += 1
         loss = real(*args, **kw)
-        return loss * float("nan") if calls["n"] in (3, 4) else loss
+        return loss + poison if bad(calls["n"]) else loss
 
-    monkeypatch.setattr(train_mod, "compute_loss", flaky)
+    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, lambda n: n in (3, 4))
     cfg = tiny(max_steps=6, checkpoint_every=1, keep_last=10, max_bad_steps=3)
     train(cfg, tmp_path / "r")
     recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -350,15 +354,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 def test_final_checkpoint_after_a_nonfinite_last_step(tmp_path, monkeypatch):
     """The last step skipped (non-finite) still ends the run with a final checkpoint of the unchanged weights."""
-    real = train_mod.compute_loss
-    calls = {"n": 0}
-
-    def last_bad(*args, **kw):
-        calls["n"] += 1
-        loss = real(*args, **kw)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(train_mod, "compute_loss", last_bad)
+    poison_loss(monkeypatch, lambda n: n == 3)
     train(tiny(max_steps=3, checkpoint_every=0, max_bad_steps=3), tmp_path / "r")
     assert losses(tmp_path / "r")[-1] is None
     final = find_checkpoint(tmp_path / "r")
@@ -368,15 +364,7 @@ def test_final_checkpoint_after_a_nonfinite_last_step(tmp_path, monkeypatch):
 
 
 def test_nonfinite_streak_aborts_with_checkpoint_intact(tmp_path, monkeypatch):
-    real = train_mod.compute_loss
-    calls = {"n": 0}
-
-    def broken(*args, **kw):
-        calls["n"] += 1
-        loss = real(*args, **kw)
-        return loss + float("inf") if calls["n"] > 2 else loss
-
-    monkeypatch.setattr(train_mod, "compute_loss", broken)
+    poison_loss(monkeypatch, lambda n: n > 2, float("inf"))
     cfg = tiny(max_steps=50, checkpoint_every=2, max_bad_steps=4)
     with pytest.raises(TrainingAborted, match=r"4 non-finite .*step_00000004"):
         train(cfg, tmp_path / "r")
