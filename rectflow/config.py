@@ -7,8 +7,6 @@ then `--set key=value` overrides in order. Unknown keys and badly typed values a
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,15 +15,18 @@ from typing import Any
 
 import yaml
 
+from rectflow.files import write_text_atomic
+
 
 # the networks rectflow.models.baselines builds (ARCHITECTURES), listed here so the config needs no torch import
 ARCHS = ("mmdit", "mmdit3", "dit", "crossdit", "uvit")
 AUTO_UNCOND = 0.1  # share of training samples with every text encoder dropped when text_drop is null (PAPER 4)
 
 
-def _f(default, help: str, choices: tuple | None = None):
-    """A dataclass field with its help text (and allowed values) in the metadata."""
-    meta = {"help": help, "choices": choices}
+def _f(default, help: str, choices: tuple | None = None, resume: bool = False):
+    """A dataclass field with its help text (and allowed values) in the metadata. resume=True: the field may change
+    when a run is resumed (it does not change what the run computes up to its end)."""
+    meta = {"help": help, "choices": choices, "resume": resume}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -67,7 +68,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = _f(64, "global batch size (all processes and accumulation micro-steps together)")
     grad_accum: int = _f(1, "gradient accumulation: micro-steps per optimizer step")
-    max_steps: int = _f(1500, "optimizer steps to train")
+    max_steps: int = _f(1500, "optimizer steps to train", resume=True)
     lr: float = _f(1e-3, "AdamW peak learning rate (the paper: 1e-4 at batch 1024)")
     warmup_steps: int = _f(100, "linear learning-rate warm-up steps (the paper: 1000)")
     lr_schedule: str = _f("cosine", "learning rate after warm-up: constant, or cosine decay to min_lr at max_steps",
@@ -84,22 +85,22 @@ class TrainConfig:
     ema_warmup: bool = _f(True, "use decay min(ema_decay, (1 + k) / (10 + k)) at the k-th EMA update, so the EMA of a "
                                 "short run is not dominated by the initial weights; off for the paper's setting")
     max_bad_steps: int = _f(20, "abort after this many non-finite losses (or gradient norms) in a row; each one "
-                                "skips its step")
+                                "skips its step", resume=True)
     seed: int = _f(0, "seed of the model init, the data order and all training noise")
     device: str = _f("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; under torchrun each "
-                             "process uses cuda:LOCAL_RANK")
+                             "process uses cuda:LOCAL_RANK", resume=True)
     # bookkeeping
-    checkpoint_every: int = _f(500, "write a checkpoint every N steps (and always at the end); 0: only at the end")
-    keep_last: int = _f(2, "keep the newest N checkpoints, delete older ones")
+    checkpoint_every: int = _f(500, "write a checkpoint every N steps (and always at the end); 0: only at the end", resume=True)
+    keep_last: int = _f(2, "keep the newest N checkpoints, delete older ones", resume=True)
     log_every: int = _f(10, "write TensorBoard scalars and refresh the progress bar every N steps "
-                            "(metrics.jsonl gets every step)")
-    sample_every: int = _f(500, "write a sample grid of sample_prompts every N steps (and at the end); 0: never")
-    sample_prompts: list | None = _f(None, "prompts of the sample grids; null means a fixed set chosen for the data")
-    sample_steps: int = _f(25, "solver steps of the sample grids")
-    sample_solver: str = _f("euler", "solver of the sample grids", ("euler", "heun", "dpmpp_2m"))
-    sample_cfg: float = _f(3.0, "classifier-free guidance scale of the sample grids")
+                            "(metrics.jsonl gets every step)", resume=True)
+    sample_every: int = _f(500, "write a sample grid of sample_prompts every N steps (and at the end); 0: never", resume=True)
+    sample_prompts: list | None = _f(None, "prompts of the sample grids; null means a fixed set chosen for the data", resume=True)
+    sample_steps: int = _f(25, "solver steps of the sample grids", resume=True)
+    sample_solver: str = _f("euler", "solver of the sample grids", ("euler", "heun", "dpmpp_2m"), resume=True)
+    sample_cfg: float = _f(3.0, "classifier-free guidance scale of the sample grids", resume=True)
     cache_dir: str | None = _f(None, "folder for cached text features (one file per caption) and latents, shareable "
-                                     "between runs; null: text features in memory only, latents in <run>/cache")
+                                     "between runs; null: text features in memory only, latents in <run>/cache", resume=True)
 
     def validate(self) -> "TrainConfig":
         """Check value ranges and choices; raise ValueError naming the field."""
@@ -170,24 +171,9 @@ class TrainConfig:
         write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file through a temp file in its folder, flushed to disk, then os.replace: a kill leaves the old
-    file or the new one, never part of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# fields that may change when a run is resumed: those declared with resume=True above
+RESUME_CHANGEABLE = frozenset(name for name, f in FIELDS.items() if f.metadata["resume"])
 
 
 def _yaml_line(name: str, value) -> str:
@@ -292,3 +278,17 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfi
     with open(path) as fh:
         d = yaml.safe_load(fh) or {}
     return apply_dict(base or TrainConfig(), d, source=str(path))
+
+
+RECIPES = Path(__file__).parent / "recipes"  # the demo and study recipes, YAML files shipped with the package
+
+
+def recipe(name: str) -> dict:
+    """The fields of recipe `name` (rectflow/recipes/NAME.yaml) as a dict: what it changes from the defaults."""
+    path = RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(known)}")
+    d = yaml.safe_load(path.read_text()) or {}
+    apply_dict(TrainConfig(), d, source=str(path))  # every key and value checked
+    return d

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
+
+from rectflow.images import make_grid, save_images, to_pil  # noqa: F401  (re-exported: rectflow.sample.save_images)
+from rectflow.runs import WEIGHT_FILES, resolve_weights  # noqa: F401
 
 DEFAULTS_FOR_RELEASED = {"formulation": "rf", "shift": 3.0, "schedule": "sd3"}  # PAPER 6: released inference settings
 
@@ -53,46 +54,6 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------- loading
-
-
-WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
-
-
-def resolve_weights(run: str | None = None, checkpoint: str | None = None, weights: str | None = None) -> Path:
-    """The file to load: `weights` ('ema' or 'raw') of a run's latest checkpoint or of a checkpoint directory, or a
-    weights file. weights=None: a run's EMA; a directory's ema.safetensors, else its model.safetensors, else the
-    directory itself when it is a diffusers folder. Explicitly requested weights that are absent are an error."""
-    from rectflow.train import find_checkpoint
-    if weights is not None and weights not in WEIGHT_FILES:
-        raise ValueError(f"weights must be one of {sorted(WEIGHT_FILES)}, got {weights!r}")
-    if run is not None:
-        ck = find_checkpoint(run)
-        if ck is None:
-            raise FileNotFoundError(f"run {run} has no complete checkpoint (checkpoints/latest or step_N missing)")
-        return ck / WEIGHT_FILES[weights or "ema"]
-    if checkpoint is None:
-        raise ValueError("give --run DIR or --checkpoint FILE")
-    path = Path(checkpoint)
-    if path.is_dir():
-        if weights is not None:
-            if not (path / WEIGHT_FILES[weights]).is_file():
-                held = sorted(p.name for p in path.glob("*.safetensors")) or "no .safetensors file"
-                raise FileNotFoundError(f"{path} has no {WEIGHT_FILES[weights]} (the {weights} weights asked for with "
-                                        f"--weights {weights}); it holds {held}")
-            return path / WEIGHT_FILES[weights]
-        found = next((path / n for n in ("ema.safetensors", "model.safetensors") if (path / n).is_file()), None)
-        if found is None and (path / "config.json").is_file():
-            return path  # a diffusers folder
-        if found is None:
-            raise FileNotFoundError(f"{path} holds neither ema.safetensors nor model.safetensors nor a diffusers "
-                                    f"config.json")
-        return found
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if weights is not None:
-        raise ValueError(f"--weights {weights} picks a file of a run or checkpoint directory; {path} is a single "
-                         f"weights file (pass the file you want, e.g. ema.safetensors, or its directory)")
-    return path
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -220,76 +181,6 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
         x0 = sample(model_fn, pipe.formulation, noise, steps=steps, solver=solver, shift=shift, schedule=schedule)
         out.append(pipe.autoencoder.decode(x0).float().clamp(-1, 1).cpu())
     return torch.cat(out)
-
-
-# ---------------------------------------------------------------- files
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> RGB image."""
-    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, "RGB")
-
-
-def _png_info(fields: dict) -> PngInfo:
-    """PNG text chunks: strings as they are, anything else as JSON."""
-    info = PngInfo()
-    for k, v in fields.items():
-        info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    return info
-
-
-def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
-    """Greedy word wrap to a pixel width."""
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line} {word}".strip()
-        if line and draw.textlength(trial, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    return lines + [line] if line else lines
-
-
-def make_grid(images: list[Image.Image], captions: list[str], tile: int = 128, columns: int | None = None,
-              caption_lines: int = 3) -> Image.Image:
-    """Images scaled (nearest) to tile x tile, each with its caption below, on a white sheet."""
-    n = len(images)
-    columns = columns or min(n, 8, max(1, math.ceil(math.sqrt(n))))
-    rows = math.ceil(n / columns)
-    font = ImageFont.load_default(size=11)
-    line_h = 13
-    cap_h = caption_lines * line_h + 4
-    pad = 4
-    sheet = Image.new("RGB", (columns * (tile + pad) + pad, rows * (tile + cap_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (img, caption) in enumerate(zip(images, captions)):
-        r, c = divmod(i, columns)
-        x, y = pad + c * (tile + pad), pad + r * (tile + cap_h + pad)
-        sheet.paste(img.resize((tile, tile), Image.NEAREST), (x, y))
-        lines = _wrap(caption, draw, font, tile)
-        if len(lines) > caption_lines:
-            lines = lines[:caption_lines - 1] + [lines[caption_lines - 1] + " ..."]
-        for k, line in enumerate(lines):
-            draw.text((x, y + tile + 2 + k * line_h), line, fill="black", font=font)
-    return sheet
-
-
-def save_images(images: torch.Tensor, prompts: list[str], out: str | Path, settings: dict,
-                singles: bool = True) -> Image.Image:
-    """Write the captioned grid to `out` and (singles=True) each image beside it as <stem>_NNN.png."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pils = [to_pil(img) for img in images]
-    if singles:
-        for i, (img, prompt) in enumerate(zip(pils, prompts)):
-            seed = settings.get("seed", 0) + i
-            img.save(out.with_name(f"{out.stem}_{i:03d}.png"),
-                     pnginfo=_png_info({"prompt": prompt, "rectflow": {**settings, "seed": seed}}))
-    grid = make_grid(pils, prompts)
-    grid.save(out, pnginfo=_png_info({"prompts": prompts, "rectflow": settings}))
-    return grid
 
 
 # ---------------------------------------------------------------- command line
