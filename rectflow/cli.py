@@ -11,7 +11,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "train": ("rectflow.train", "train an MM-DiT with any formulation on built-in data or your images"),
+    "train": ("rectflow.training.cli", "train an MM-DiT with any formulation on built-in data or your images"),
     "sample": ("rectflow.sample", "generate images from prompts with a trained run or a checkpoint"),
     "eval": ("rectflow.evaluate.run", "validation loss, CLIP score, FID and GenEval-style scores of a run"),
     "train-scorer": ("rectflow.evaluate.scorer", "train the small offline CLIP-style scorer on built-in data"),

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from rectflow.files import write_text_atomic
+from rectflow.flow import Formulation
 
 
 # the networks rectflow.models.baselines builds (ARCHITECTURES), listed here so the config needs no torch import
@@ -130,7 +131,6 @@ class TrainConfig:
             raise ValueError(f"config key 'betas': expected two values in [0, 1), got {self.betas!r}")
         if self.adam_eps is not None and self.adam_eps <= 0:
             raise ValueError(f"config key 'adam_eps': expected a value > 0 or null, got {self.adam_eps!r}")
-        from rectflow.flow import Formulation  # here, not at the top: reading a config needs no torch
         try:
             Formulation.from_name(self.formulation)
         except ValueError as err:

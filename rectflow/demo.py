@@ -14,22 +14,21 @@ import sys
 import time
 from pathlib import Path
 
+
 from rectflow.config import TrainConfig
+from rectflow.config import recipe as load_recipe
+from rectflow.devices import resolve_device
+from rectflow.images import save_images
+from rectflow.runs import CONFIG
+from rectflow.sample import generate, load_pipeline
+from rectflow.training import Trainer, train
+from rectflow.training.data import default_prompts
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model"
 
-# The recipe (configs/demo.yaml holds the same values; a test keeps them equal). Measured on 2 CPU cores: see
-# docs/training.md "The demo recipe". Fields not named here keep TrainConfig's defaults.
-DEMO_RECIPE = {
-    "data": "shapes", "resolution": 32, "formulation": "rf/lognorm(0.00, 1.00)",
-    "depth": 6, "hidden": 192, "heads": 3, "patch_size": 4, "qk_norm": "rms",
-    "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "lr_schedule": "cosine", "min_lr": 0.0,
-    # one text encoder: per-encoder dropout 0.464 would make 46% of the batch unconditional; 0.1 matches the paper's
-    # ~10% fully unconditional steps (0.464^3 with its three encoders)
-    "text_drop": 0.1,
-    "ema_decay": 0.999, "ema_every": 1, "ema_warmup": True, "grad_clip": 1.0, "bf16": True,
-    "max_steps": 1500, "checkpoint_every": 250, "keep_last": 2, "sample_every": 250, "log_every": 10,
-}
+# The recipe: rectflow/recipes/demo.yaml (configs/demo.yaml links to it). Measured on 2 CPU cores: see
+# docs/training.md "The demo recipe". Fields not named there keep TrainConfig's defaults.
+DEMO_RECIPE = load_recipe("demo")
 
 
 def recipe(**changes) -> TrainConfig:
@@ -46,7 +45,6 @@ def demo_prompts() -> list[str]:
 
 def steps_for_budget(cfg: TrainConfig, run_dir: Path, minutes: float, probe_steps: int = 5) -> tuple[int, float]:
     """(max_steps that fit in `minutes`, measured img/s): time a few optimizer steps of the recipe (discarded)."""
-    from rectflow.train import Trainer
     trainer = Trainer(dataclasses.replace(cfg, sample_every=0), run_dir)
     trainer.train_step()  # the first step pays one-off costs (allocations, text features of its captions)
     t0 = time.perf_counter()
@@ -61,7 +59,6 @@ def steps_for_budget(cfg: TrainConfig, run_dir: Path, minutes: float, probe_step
 
 def sample_grid(pipe, prompts: list[str], out: Path, seed: int = 0) -> Path:
     """A captioned grid of the prompts (EMA weights, 25 Euler steps, CFG 3)."""
-    from rectflow.sample import generate, save_images
     settings = {"steps": 25, "solver": "euler", "cfg_scale": 3.0, "shift": pipe.train_config.get("shift", 1.0),
                 "schedule": "linear", "seed": seed}
     images = generate(pipe, prompts, **settings)
@@ -71,14 +68,12 @@ def sample_grid(pipe, prompts: list[str], out: Path, seed: int = 0) -> Path:
 
 def sample_default_model(out_dir: Path, prompts: list[str], device) -> Path | None:
     """Sample the shipped default model, or say clearly that it is absent."""
-    from rectflow.sample import load_pipeline
     if not DEFAULT_MODEL.is_dir() or not any(DEFAULT_MODEL.glob("*.safetensors")):
         print(f"rectflow demo: the shipped default model is not in this installation ({DEFAULT_MODEL} holds no "
               f"weights); skipping its samples", file=sys.stderr)
         return None
     pipe = load_pipeline(checkpoint=str(DEFAULT_MODEL), device=device)
     if pipe.train_config.get("data", "shapes") != "shapes":  # e.g. an emoji model: prompts from its own data
-        from rectflow.train import default_prompts
         prompts = default_prompts(TrainConfig.from_dict(pipe.train_config, source=str(DEFAULT_MODEL)))
     path = sample_grid(pipe, prompts, out_dir / "default_model.png")
     print(f"rectflow demo: default model samples -> {path}", file=sys.stderr)
@@ -87,11 +82,9 @@ def sample_default_model(out_dir: Path, prompts: list[str], device) -> Path | No
 
 def train_from_scratch(out_dir: Path, minutes: float, max_steps: int | None, device: str, seed: int) -> Path:
     """Train the recipe within the time budget (or for max_steps) and sample the result; returns the grid path."""
-    from rectflow.sample import load_pipeline
-    from rectflow.train import train
     run_dir = out_dir / "run"
     if run_dir.exists():
-        if not (run_dir / "config.yaml").is_file():
+        if not (run_dir / CONFIG).is_file():
             raise FileExistsError(f"{run_dir} exists and is not a rectflow run; choose another --out")
         shutil.rmtree(run_dir)  # the demo's own earlier run
     cfg = recipe(device=device, seed=seed)
@@ -128,15 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Entry point of `rectflow demo`."""
-    import torch
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
-    sample_default_model(out_dir, demo_prompts(), torch.device(device))
+    device = resolve_device(args.device)
+    sample_default_model(out_dir, demo_prompts(), device)
     if not args.no_train:
         try:
-            train_from_scratch(out_dir, args.minutes, args.max_steps, device, args.seed)
+            train_from_scratch(out_dir, args.minutes, args.max_steps, str(device), args.seed)
         except FileExistsError as err:
             print(f"rectflow demo: {err}", file=sys.stderr)
             return 2

@@ -21,9 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors import safe_open
 
+from rectflow.autoencoder import load_autoencoder
+from rectflow.checkpoints import load_model as load_weights
+from rectflow.devices import resolve_device
+from rectflow.flow import Formulation
 from rectflow.images import make_grid, save_images, to_pil  # noqa: F401  (re-exported: rectflow.sample.save_images)
-from rectflow.runs import WEIGHT_FILES, resolve_weights  # noqa: F401
+from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights  # noqa: F401
+from rectflow.sampling import guided, sample
+from rectflow.text import load_text_encoder
 
 DEFAULTS_FOR_RELEASED = {"formulation": "rf", "shift": 3.0, "schedule": "sd3"}  # PAPER 6: released inference settings
 
@@ -58,7 +66,6 @@ class Pipeline:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The safetensors header metadata (empty for files without it)."""
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as fh:
         return fh.metadata() or {}
 
@@ -66,7 +73,6 @@ def read_metadata(path: Path) -> dict[str, str]:
 def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """(network, training config dict or {}) from a rectflow weights file (an MM-DiT, or a baseline of the
     architecture study: its config's "arch" key picks the class) or a released SD3 single file."""
-    from rectflow.checkpoints import load_model as load_weights
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     model = load_weights(path)
     if torch.device(device).type == "cpu":
@@ -83,18 +89,14 @@ def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights
     weights: see resolve_weights. step_dir: a checkpoint directory of `run` to load instead of its latest (so that
     several weight sets come from one checkpoint while the run goes on writing new ones).
     """
-    from rectflow.autoencoder import load_autoencoder
-    from rectflow.flow import Formulation
-    from rectflow.text import load_text_encoder
     path = resolve_weights(run, checkpoint, weights) if step_dir is None else resolve_weights(
         None, str(step_dir), weights or "ema")
     model, cfg = load_model(path, device)
     released = not cfg  # no rectflow training config in the file: a released model
     kind = (read_metadata(path).get("rectflow.weights") if path.suffix == ".safetensors" else None) or (
         None if released else weights)
-    if run is not None and (Path(run) / "config.yaml").is_file():
-        import yaml
-        cfg = {**cfg, **(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {})}
+    if run is not None and (Path(run) / CONFIG).is_file():
+        cfg = {**cfg, **(yaml.safe_load((Path(run) / CONFIG).read_text()) or {})}
     text_spec = text_encoder or cfg.get("text_encoder")
     if text_spec is None:
         raise ValueError(f"{path} carries no training config: give --text-encoder (e.g. 'sd3:clip_l=DIR,clip_g=DIR,"
@@ -157,7 +159,6 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
 
     negative_prompt: its encoding is CFG's unconditional branch (default: see uncond_features).
     """
-    from rectflow.sampling import guided, sample
     device, out = pipe.device, []
     uncond = uncond_features(pipe, negative_prompt, encoders) if cfg_scale != 1 else None
     chunks = range(0, len(prompts), batch_size)
@@ -243,8 +244,7 @@ def run(args) -> int:
         return 2
     try:
         prompts = read_prompts(args)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = resolve_device(args.device)
         pipe = load_pipeline(args.run, args.checkpoint, args.weights, device, args.formulation, args.text_encoder,
                              args.autoencoder, args.resolution)
         released = not pipe.train_config

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from rectflow import train as train_mod
-from rectflow.config import TrainConfig, apply_overrides, load_config
+from rectflow import runs as runs_mod
+from rectflow.training import loop as loop_mod
+from rectflow.config import FIELDS, TrainConfig, apply_overrides, load_config
 from rectflow.train import (
     TrainingAborted,
     ema_decay_at,
@@ -332,7 +334,7 @@ def poison_loss(monkeypatch, bad, poison: float = float("nan")) -> None:
         loss = real(*args, **kw)
         return loss + poison if bad(calls["n"]) else loss
 
-    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(loop_mod, "compute_loss", poisoned)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
@@ -384,9 +386,9 @@ def test_nonfinite_streak_aborts_with_checkpoint_intact(tmp_path, monkeypatch):
 def test_checkpoint_directory_is_flushed_before_and_after_the_rename(tmp_path, monkeypatch):
     """fsync order of save_checkpoint: the three files, the temp directory, then (after the rename) its parent."""
     events = []
-    real_fsync, real_replace = train_mod._fsync, os.replace
-    monkeypatch.setattr(train_mod, "_fsync", lambda p: (events.append(("fsync", Path(p))), real_fsync(p)))
-    monkeypatch.setattr(train_mod.os, "replace", lambda a, b: (events.append(("replace", Path(a))), real_replace(a, b)))
+    real_fsync, real_replace = runs_mod.fsync, os.replace
+    monkeypatch.setattr(runs_mod, "fsync", lambda p: (events.append(("fsync", Path(p))), real_fsync(p)))
+    monkeypatch.setattr(runs_mod.os, "replace", lambda a, b: (events.append(("replace", Path(a))), real_replace(a, b)))
     model = train_mod.build_model(tiny(), 3, 16, 384, 384)
     ck_root = tmp_path / "checkpoints"
     train_mod.save_checkpoint(tmp_path, 1, model, model, {"step": 1}, tiny())
@@ -555,3 +557,19 @@ def test_sample_grid_options(tmp_path):
     assert json.loads(grid.text["prompts"]) == prompts
     assert (meta["steps"], meta["solver"], meta["cfg_scale"], meta["shift"], meta["weights"]) == (2, "heun", 1.5,
                                                                                                   2.0, "ema")
+
+
+def test_default_config_file_is_the_dataclass_defaults():
+    """configs/default.yaml lists every field at TrainConfig's default, with each field's help above it."""
+    path = ROOT / "configs" / "default.yaml"
+    assert load_config(path) == TrainConfig()
+    text = path.read_text()
+    for name, f in FIELDS.items():
+        assert f"# {f.metadata['help']}\n{name}:" in text, name
+
+
+def test_resume_changeable_fields_are_declared_on_the_fields():
+    from rectflow.config import RESUME_CHANGEABLE
+    assert {"max_steps", "checkpoint_every", "device", "cache_dir"} <= RESUME_CHANGEABLE
+    assert not {"lr", "seed", "batch_size", "formulation", "data"} & RESUME_CHANGEABLE
+    assert RESUME_CHANGEABLE == {n for n, f in FIELDS.items() if f.metadata["resume"]}

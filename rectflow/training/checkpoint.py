@@ -1,0 +1,44 @@
+"""Training checkpoints: the raw and EMA weights as safetensors (rectflow's weights format, loadable by every
+command) and the state needed to continue exactly (optimizer, step, counters, RNG; torch.save, read with
+weights_only=True). Where they live and how they are written atomically: rectflow.runs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rectflow.checkpoints import FORMAT_TAG
+from rectflow.config import TrainConfig
+from rectflow.runs import STATE, WEIGHT_FILES, find_checkpoint, write_checkpoint  # noqa: F401  (find_checkpoint: API)
+
+STATE_VERSION = 1
+
+
+def weights_metadata(model: torch.nn.Module, cfg: TrainConfig, step: int, kind: str) -> dict[str, str]:
+    """safetensors metadata: rectflow.checkpoints' file format (model config) plus the run's training config."""
+    return {"format": FORMAT_TAG, "config": json.dumps(model.config),
+            "rectflow.train_config": json.dumps(cfg.to_dict()), "rectflow.step": str(step),
+            "rectflow.weights": kind}
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """Write a model's state dict as safetensors (contiguous float copies) with metadata."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, ema, state: dict, cfg: TrainConfig) -> Path:
+    """Write checkpoints/step_N (raw and EMA weights, training state) atomically; prune to cfg.keep_last."""
+    def write(folder: Path) -> None:
+        save_weights(model, folder / WEIGHT_FILES["raw"], weights_metadata(model, cfg, step, "raw"))
+        save_weights(ema, folder / WEIGHT_FILES["ema"], weights_metadata(ema, cfg, step, "ema"))
+        torch.save(state, folder / STATE)
+    return write_checkpoint(run_dir, step, write, cfg.keep_last)
+
+
+def load_state(ck_dir: Path) -> dict:
+    """The training state of a checkpoint (weights_only: never unpickle arbitrary objects)."""
+    return torch.load(Path(ck_dir) / STATE, map_location="cpu", weights_only=True)

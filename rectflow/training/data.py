@@ -1,0 +1,151 @@
+"""The data pipeline of training: which data-set items each step reads (a pure function of the step), their latents
+(encoded once and cached for finite data sets) and their text features (encoded once per caption).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from rectflow.autoencoder import Identity, encode_dataset, load_latents
+from rectflow.config import TrainConfig
+from rectflow.data import get_dataset
+from rectflow.text import CachedTextEncoder, load_text_encoder
+from rectflow.training import distributed
+from rectflow.training.randomness import generator_for
+
+
+ENDLESS = 10**7  # a data set at least this long (shapes) is read in order instead of in shuffled epochs
+
+
+def step_indices(seed: int, step: int, batch_size: int, n_items: int) -> list[int]:
+    """Data-set indices of the global batch of `step`: shuffled epochs, or plain order for endless data sets."""
+    start = step * batch_size
+    if n_items >= ENDLESS:
+        return [(start + j) % n_items for j in range(batch_size)]
+    out, perms = [], {}
+    for pos in range(start, start + batch_size):
+        epoch, k = divmod(pos, n_items)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_items, generator=generator_for(seed, epoch, "epoch"))
+        out.append(int(perms[epoch][k]))
+    return out
+
+
+
+class TextFeatures:
+    """Text features per caption, computed once and cached (PAPER 4 conditioning; rectflow.text.CachedTextEncoder).
+
+    A finite data set's captions are encoded up front, sorted and in fixed chunks, and kept in memory (when they fit
+    in table_bytes); any other caption is encoded alone the first time it is seen. Either way a caption's features
+    never depend on which batch it first appeared in, which exact resume needs (a batched encode may differ in the
+    last bits with the batch's make-up).
+    """
+
+    def __init__(self, encoder, cache_dir: Path | None, table_bytes: int = 2**30):
+        self.encoder = CachedTextEncoder(encoder, cache_dir=cache_dir)
+        self.table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.table_bytes = table_bytes
+        for attr in ("context_dim", "pooled_dim", "seq_len", "encoder_names", "parts"):
+            setattr(self, attr, getattr(encoder, attr))
+
+    @torch.no_grad()
+    def prepare(self, captions: list[str], chunk: int = 64) -> bool:
+        """Encode all captions of a finite data set now; False (nothing done) if they would not fit in memory."""
+        unique = sorted(set(captions) - set(self.table))
+        per_caption = 4 * (self.seq_len * self.context_dim + self.pooled_dim)
+        if (len(unique) + len(self.table)) * per_caption > self.table_bytes:
+            return False
+        for lo in range(0, len(unique), chunk):
+            part = unique[lo:lo + chunk]
+            context, pooled = self.encoder.encode(part)
+            for i, c in enumerate(part):
+                self.table[c] = (context[i].cpu(), pooled[i].cpu())
+        return True
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B,L,Dc], pooled [B,Dp]) for the captions (on the CPU)."""
+        pairs = [self.table[c] if c in self.table else tuple(t[0].cpu() for t in self.encoder.encode([c]))
+                 for c in captions]
+        return torch.stack([c for c, _ in pairs]), torch.stack([p for _, p in pairs])
+
+    def drop(self, context, pooled, p, generator=None):
+        """Per-encoder dropout (the wrapped encoder's)."""
+        return self.encoder.drop(context, pooled, p, generator=generator)
+
+
+def all_captions(dataset) -> list[str]:
+    """Every caption of a finite data set (its caption list when it has one, else item by item)."""
+    captions = getattr(dataset, "captions", None)
+    if isinstance(captions, list) and len(captions) == len(dataset):
+        return list(captions)
+    return [dataset[i]["caption"] for i in range(len(dataset))]
+
+
+@functools.lru_cache(maxsize=2)
+def frozen_text_encoder(spec: str, device: torch.device):
+    """A loaded text encoder, shared by the runs of one process (it is frozen; loading takes seconds)."""
+    return load_text_encoder(spec).to(device).eval().requires_grad_(False)
+
+
+class Batches:
+    """Loads the inputs of any slice of a step's global batch: latents x0 and captions."""
+
+    def __init__(self, dataset, cfg: TrainConfig, autoencoder, device, cache_dir: Path, ctx):
+        self.dataset, self.cfg, self.ae, self.device = dataset, cfg, autoencoder, device
+        self.n = len(dataset)
+        self.latents = None
+        if not is_identity(autoencoder) and self.n < ENDLESS:
+            self.latents = self._cached_latents(cache_dir, ctx)
+
+    def _cached_latents(self, cache_dir: Path, ctx) -> torch.Tensor:
+        """All latents of a finite data set, encoded once (rank 0) into cache_dir and read from there."""
+        key = hashlib.sha256(json.dumps([self.cfg.data, self.cfg.data_options, self.cfg.resolution,
+                                         self.cfg.autoencoder, self.cfg.seed, self.n]).encode()).hexdigest()[:16]
+        path = cache_dir / f"latents-{key}.safetensors"
+        if ctx.is_main and not path.is_file():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            encode_dataset(self.ae, self.dataset, tmp)
+            os.replace(tmp, path)
+        distributed.barrier(ctx)
+        return load_latents(path)["latents"]
+
+    def load(self, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+        """x0 (latents, on the device) and captions of the given data-set indices."""
+        items = [self.dataset[i] for i in indices]
+        captions = [it["caption"] for it in items]
+        if self.latents is not None:
+            return self.latents[indices].to(self.device), captions
+        images = torch.stack([it["image"] for it in items]).to(self.device)
+        if is_identity(self.ae):
+            return images, captions
+        with torch.no_grad():
+            return self.ae.encode(images).float(), captions
+
+
+def is_identity(autoencoder) -> bool:
+    """Pixel-space training: nothing to encode or cache."""
+    return isinstance(autoencoder, Identity)
+
+
+def default_prompts(cfg: TrainConfig, n: int = 8) -> list[str]:
+    """Fixed prompts for sample grids: the first distinct captions of the data set's validation split."""
+    try:
+        ds = get_dataset(cfg.data, cfg.resolution, split="val", seed=0, **cfg.data_options)
+    except (ValueError, KeyError, FileNotFoundError):
+        ds = get_dataset(cfg.data, cfg.resolution, split="train", seed=0, **cfg.data_options)
+    prompts: list[str] = []
+    for i in range(min(len(ds), 50 * n)):
+        c = ds[i]["caption"]
+        if c not in prompts:
+            prompts.append(c)
+        if len(prompts) == n:
+            break
+    return prompts
+

@@ -1,0 +1,292 @@
+"""The training loop: `Trainer(cfg, run_dir).fit()` trains an MM-DiT (or a baseline of the architecture study) with
+any formulation of docs/paper.md §1-3 to max_steps, from scratch or from the run's latest checkpoint.
+
+The data path: data set -> (autoencoder latents, text features; both cached, rectflow.training.data) -> the
+formulation draws t and noise and builds z_t -> model -> the formulation's per-sample loss -> mean over the global
+batch. AdamW with warm-up and an optional cosine decay and an EMA of the weights (rectflow.training.optim), bf16
+autocast, gradient accumulation and torchrun (DDP, rectflow.training.distributed).
+
+Exact resume: every random draw of a step (data indices, t, noise, text dropout) comes from generators seeded by
+(seed, step, purpose) (rectflow.training.randomness), so step n sees the same inputs whether or not the run was
+interrupted; checkpoints (rectflow.training.checkpoint) hold everything else. The run directory's layout:
+rectflow.runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from rectflow.autoencoder import load_autoencoder
+from rectflow.config import TrainConfig
+from rectflow.data import get_dataset
+from rectflow.devices import resolve_device
+from rectflow.files import write_text_atomic
+from rectflow.flow import Formulation
+from rectflow.images import save_images
+from rectflow.runs import CONFIG, METRICS, WEIGHT_FILES, checkpoint_root, clean_temp, find_checkpoint
+from rectflow.sample import Pipeline, generate
+from rectflow.training import distributed
+from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
+from rectflow.training.data import ENDLESS, Batches, TextFeatures, all_captions, default_prompts, frozen_text_encoder
+from rectflow.training.data import step_indices
+from rectflow.training.model import build_model, compute_loss, context_splits
+from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
+from rectflow.training.randomness import generator_for, rng_states, seed_for, set_rng_states
+
+
+class TrainingAborted(RuntimeError):
+    """Too many non-finite steps in a row; the last checkpoint written is still the last good one."""
+
+
+
+class Trainer:
+    """One training run in a run directory; `fit()` trains from the latest checkpoint (or scratch) to max_steps."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False):
+        self.cfg, self.run_dir = cfg.validate(), Path(run_dir)
+        self.ctx = distributed.init(resolve_device(cfg.device).type)
+        self.device = resolve_device(cfg.device, self.ctx.local_rank if self.ctx.enabled else None)
+        world = self.ctx.world_size
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise ValueError(f"config key 'batch_size': {cfg.batch_size} is not divisible by "
+                             f"{world} processes x grad_accum {cfg.grad_accum}")
+        self.micro = cfg.batch_size // (world * cfg.grad_accum)
+        # text features: in memory, and on disk only in a chosen cache_dir (one small file per caption);
+        # latents of finite data sets: in cache_dir, else <run>/cache
+        text_cache = Path(cfg.cache_dir) / "text" if cfg.cache_dir else None
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.run_dir / "cache"
+
+        self.formulation = Formulation.from_name(cfg.formulation)
+        self.autoencoder = load_autoencoder(cfg.autoencoder).to(self.device).eval()
+        self.text = TextFeatures(frozen_text_encoder(cfg.text_encoder, self.device), text_cache)
+        self.text_drop = cfg.effective_text_drop(len(self.text.encoder_names))  # null: automatic, per encoder count
+        if cfg.resolution % self.autoencoder.factor or (cfg.resolution // self.autoencoder.factor) % cfg.patch_size:
+            raise ValueError(f"config key 'resolution': {cfg.resolution} px is not a multiple of autoencoder factor "
+                             f"{self.autoencoder.factor} x patch_size {cfg.patch_size}")
+        side = cfg.resolution // self.autoencoder.factor
+        self.latent_shape = (self.autoencoder.channels, side, side)
+        try:
+            self.dataset = get_dataset(cfg.data, cfg.resolution, split="train", seed=cfg.seed, **cfg.data_options)
+        except TypeError as err:  # an option the data set does not take
+            raise ValueError(f"config key 'data_options': {err}") from None
+        self.batches = Batches(self.dataset, cfg, self.autoencoder, self.device, self.cache_dir, self.ctx)
+        if len(self.dataset) < ENDLESS and not self.text.prepare(all_captions(self.dataset)):
+            print(f"rectflow train: the {len(self.dataset)} captions' text features do not fit in memory; encoding "
+                  f"them as they come (set cache_dir to keep them on disk)", file=sys.stderr)
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, self.autoencoder.channels, side, self.text.context_dim, self.text.pooled_dim,
+                                 context_splits(self.text)).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.net = self.model
+        if self.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            # the last block's context stream only feeds keys and values: its query norm gets no gradient
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None, find_unused_parameters=True)
+        self.opt = make_optimizer(self.model, cfg)
+        self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
+        self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
+        if resume:
+            self._resume()
+        self._writer = None
+
+    # ---- persistence
+
+    def _state(self) -> dict:
+        """Everything besides the weights needed to continue exactly."""
+        return {"version": STATE_VERSION, "step": self.step, "optimizer": self.opt.state_dict(),
+                "skipped": self.skipped, "bad_streak": self.bad_streak, "images_seen": self.images_seen,
+                "data_position": self.step * self.cfg.batch_size, "world_size": self.ctx.world_size,
+                "rng": rng_states(), "config": json.dumps(self.cfg.to_dict())}
+
+    def _resume(self) -> None:
+        """Load the latest checkpoint of the run directory, if any."""
+        ck = find_checkpoint(self.run_dir)
+        if ck is None:
+            return
+        state = load_state(ck)
+        self.model.load_state_dict(load_file(str(ck / WEIGHT_FILES["raw"]), device=str(self.device)))
+        self.ema.load_state_dict(load_file(str(ck / WEIGHT_FILES["ema"]), device=str(self.device)))
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        self.bad_streak, self.images_seen = state["bad_streak"], state["images_seen"]
+        set_rng_states(state["rng"])
+        if self.ctx.is_main:
+            print(f"rectflow train: resuming from {ck} (step {self.step})", file=sys.stderr)
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0)."""
+        if not self.ctx.is_main:
+            return None
+        return save_checkpoint(self.run_dir, self.step, self.model, self.ema, self._state(), self.cfg)
+
+    # ---- one step
+
+    def train_step(self) -> dict:
+        """Optimizer step number self.step (0-based) on the global batch of that step; returns its metrics."""
+        cfg, step, B, world = self.cfg, self.step, self.cfg.batch_size, self.ctx.world_size
+        lr = lr_at(step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        indices = step_indices(cfg.seed, step, B, len(self.dataset))
+        # t and noise of the whole global batch, drawn identically on every rank, each rank uses its slice
+        t_all = self.formulation.sample_t(B, generator=generator_for(cfg.seed, step, "t"), shift=cfg.shift)
+        g_eps = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, "eps"))
+        eps_all = torch.randn((B, *self.latent_shape), generator=g_eps, device=self.device)
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for a in range(cfg.grad_accum):
+            lo = (a * world + self.ctx.rank) * self.micro
+            sl = slice(lo, lo + self.micro)
+            x0, captions = self.batches.load(indices[sl])
+            context, pooled = self._conditioning(captions, step, range(lo, lo + self.micro))
+            last = a == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
+            with sync:
+                per_sample = compute_loss(self.net, self.formulation, x0, context, pooled,
+                                          t_all[sl].to(self.device), eps_all[sl], cfg.bf16)
+                # sum / B per rank; DDP averages over ranks, hence the world factor
+                (per_sample.sum() * (world / B)).backward()
+            loss_sum += per_sample.detach().double().sum()
+        loss = distributed.all_reduce_sum(loss_sum, self.ctx).item() / B
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        if ok:
+            self.opt.step()
+            self.bad_streak = 0
+            if (step + 1) % cfg.ema_every == 0:
+                update = (step + 1) // cfg.ema_every - 1
+                ema_update(self.ema, self.model, ema_decay_at(update, cfg.ema_decay, cfg.ema_warmup))
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.bad_streak += 1
+        self.step += 1
+        self.images_seen += B
+        return {"step": self.step, "loss": loss if ok else None, "lr": lr,
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                **({} if ok else {"nonfinite": True, "bad_loss": repr(loss), "bad_grad_norm": repr(grad_norm)})}
+
+    def _conditioning(self, captions: list[str], step: int, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached text features with per-encoder dropout; each sample's dropout draw is seeded by its batch slot."""
+        context, pooled = self.text.encode(captions)
+        if self.text_drop > 0:
+            pairs = [self.text.drop(context[i:i + 1], pooled[i:i + 1], self.text_drop,
+                                    generator=generator_for(self.cfg.seed, step, "text-drop", pos))
+                     for i, pos in enumerate(positions)]
+            context, pooled = torch.cat([c for c, _ in pairs]), torch.cat([p for _, p in pairs])
+        return context.to(self.device), pooled.to(self.device)
+
+    # ---- logging
+
+    def _open_logs(self):
+        """metrics.jsonl (cut back to the resumed step) and the TensorBoard writer (purged likewise)."""
+        path = self.run_dir / METRICS
+        kept = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if rec.get("step", 0) <= self.step:
+                    kept.append(line)
+        write_text_atomic(path, "".join(k + "\n" for k in kept))  # a kill now keeps the old lines or the cut ones
+        self._metrics = open(path, "a", buffering=1)
+        self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    def write_samples(self) -> Path:
+        """A captioned grid of the fixed prompts from the EMA weights (rank 0), in samples/ and TensorBoard."""
+        pipe = Pipeline(self.ema, self.formulation, self.text, self.autoencoder, self.cfg.resolution,
+                        self.cfg.to_dict(), source=str(self.run_dir))
+        settings = {"steps": self.cfg.sample_steps, "solver": self.cfg.sample_solver, "cfg_scale": self.cfg.sample_cfg,
+                    "shift": self.cfg.shift, "seed": self.cfg.seed}
+        images = generate(pipe, self.prompts, bf16=self.cfg.bf16, **settings)
+        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
+        grid = save_images(images, self.prompts, path, {**settings, "run": str(self.run_dir), "train_step": self.step,
+                                                        "weights": "ema"}, singles=False)
+        self._writer.add_image("samples", np.asarray(grid), self.step, dataformats="HWC")
+        return path
+
+    # ---- the loop
+
+    def fit(self) -> Path:
+        """Train to max_steps; returns the run directory."""
+        from tqdm import tqdm
+        cfg, main = self.cfg, self.ctx.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            clean_temp(checkpoint_root(self.run_dir))
+            cfg.save(self.run_dir / CONFIG)
+            self._open_logs()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
+        start, window = time.perf_counter(), []
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                dt = time.perf_counter() - t0
+                window = (window + [dt])[-cfg.log_every:]
+                metrics["img_per_s"] = cfg.batch_size / dt
+                metrics["time"] = time.perf_counter() - start
+                bar.update(1)
+                if main:
+                    self._log(metrics, bar, window)
+                if self.bad_streak >= cfg.max_bad_steps:
+                    last = find_checkpoint(self.run_dir)
+                    raise TrainingAborted(
+                        f"training aborted at step {self.step}: {self.bad_streak} non-finite losses or gradient norms "
+                        f"in a row (max_bad_steps = {cfg.max_bad_steps}); the last good checkpoint is "
+                        f"{last if last else 'none (no checkpoint was written)'}. Try a lower lr, qk_norm: rms, "
+                        f"grad_clip, or bf16: false.")
+                done = self.step == cfg.max_steps
+                # a skipped step left the weights as they were (good): checkpoint as usual; only an abort does not
+                if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    self.save()
+                if main and cfg.sample_every and self.prompts and (done or self.step % cfg.sample_every == 0):
+                    self.write_samples()
+        finally:
+            bar.close()
+            if main and self._writer is not None:
+                self._metrics.close()
+                self._writer.close()
+        return self.run_dir
+
+    def _log(self, metrics: dict, bar, window: list[float]) -> None:
+        """One metrics.jsonl line per step; TensorBoard and the progress bar every log_every steps."""
+        self._metrics.write(json.dumps(metrics) + "\n")
+        if self.step % self.cfg.log_every and self.step != self.cfg.max_steps:
+            return
+        img_s = self.cfg.batch_size * len(window) / sum(window)
+        for key in ("loss", "lr", "grad_norm"):
+            if metrics.get(key) is not None:
+                self._writer.add_scalar(f"train/{key}", metrics[key], self.step)
+        self._writer.add_scalar("train/img_per_s", img_s, self.step)
+        self._writer.add_scalar("train/skipped_steps", self.skipped, self.step)
+        loss = metrics["loss"]
+        bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", img_s=f"{img_s:.1f}", skipped=self.skipped)
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train (or continue with resume=True) the run in `out`; returns the run directory."""
+    trainer = Trainer(cfg, out, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.shutdown(trainer.ctx)
+

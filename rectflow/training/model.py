@@ -1,0 +1,69 @@
+"""The network a config asks for (its MM-DiT, or a baseline of the architecture study at that size) and the
+training loss of one batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from rectflow.config import TrainConfig
+from rectflow.models import baselines
+from rectflow.models.mmdit import MMDiT
+
+
+def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_dim: int, pooled_dim: int,
+                context_splits: list[int] | None = None):
+    """The network of the config: its MM-DiT (PAPER 4), or a baseline of `cfg.arch` at that MM-DiT's size.
+
+    context_splits: token counts of the context's parts (SD3: [CLIP, T5]), the streams of mmdit3's extra weight set;
+    None splits the context into halves (rectflow.models.baselines.MMDiT3).
+    """
+    kw = {}
+    if cfg.hidden is not None:
+        kw["hidden_size"] = cfg.hidden
+    if cfg.heads is not None:
+        kw["num_heads"] = cfg.heads
+    # a baseline only needs the MM-DiT's config and parameter count: build that on the meta device (no memory, no
+    # init, no random draws, so the baseline's init is the same as if it were built alone)
+    with torch.device("meta") if cfg.arch != "mmdit" else contextlib.nullcontext():
+        model = MMDiT.from_depth(cfg.depth, patch_size=cfg.patch_size, in_channels=in_channels,
+                                 context_dim=context_dim, pooled_dim=pooled_dim, input_size=latent_size,
+                                 qk_norm=None if cfg.qk_norm == "none" else cfg.qk_norm, **kw)
+    if cfg.arch != "mmdit":
+        options = {"context_splits": context_splits} if cfg.arch == "mmdit3" else {}
+        model = baselines.from_config(baselines.matched(cfg.arch, model, **options))
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    warn_patch_bottleneck(cfg.patch_size, in_channels, model.config["hidden_size"])
+    return model
+
+
+def warn_patch_bottleneck(patch: int, channels: int, hidden: int) -> None:
+    """Warn when a patch holds more values than the hidden width: the linear patch embedding and output layer then
+    have rank `hidden`, so the velocity of the remaining directions is always zero and that part of the initial
+    noise stays in every sample (sampling cannot remove it, however long the model trains)."""
+    if patch * patch * channels > hidden:
+        warnings.warn(f"patch_size {patch} x {patch} x {channels} channels = {patch * patch * channels} values per "
+                      f"token exceeds the hidden width {hidden}: samples will keep "
+                      f"{1 - hidden / (patch * patch * channels):.0%} of the noise; use a smaller patch_size or a "
+                      f"larger hidden", stacklevel=3)
+
+
+def context_splits(text) -> list[int] | None:
+    """Token counts of the distinct sequence ranges of a text encoder's parts, in order (SD3: [CLIP, T5]); None
+    when all parts share one range (MiniLM)."""
+    spans = sorted({(part.seq.start or 0, part.seq.stop) for part in text.parts.values()})
+    if len(spans) < 2 or any(stop is None for _, stop in spans):
+        return None
+    return [stop - start for start, stop in spans]
+
+
+def compute_loss(model, formulation, x0, context, pooled, t, eps, bf16: bool) -> torch.Tensor:
+    """Per-sample loss of the formulation; the network runs under bf16 autocast, the loss maths in float32."""
+    def model_fn(z_in, t_in):
+        with torch.autocast(z_in.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(z_in, t_in, context, pooled)
+        return out.float()
+    return formulation.training_loss(model_fn, x0, t=t, eps=eps)
+
