@@ -13,189 +13,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rectflow.files import atomic_path, write_text_atomic
 from rectflow.models import baselines
 from rectflow.models.mmdit import MMDiT
+from rectflow.models.released import (FORMAT_TAG, OTHER_COMPONENTS, PICKLE_SUFFIXES, PREFIX,  # noqa: F401
+                                      CheckpointError, _read_pickle, _read_safetensors, check_state_dict,
+                                      infer_config, metadata_config, read_released)
 
-PREFIX = "model.diffusion_model."
-# other components that single-file releases bundle next to the MM-DiT
-OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-FORMAT_TAG = "rectflow.mmdit"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_QK_NORM = {None: None, "rms": "rms_norm", "ln": "layer_norm"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped keys, or an unreadable file."""
-
-
-# ----- reading and writing files ---------------------------------------------------------------------------------
-
-
-def _read_safetensors(path: Path, want=None) -> tuple[dict, dict]:
-    """Tensors (only the keys for which want(key) is true, if given) and the metadata of a safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys() if want is None or want(k)}
-    return tensors, metadata
-
-
-def _read_pickle(path: Path, allow_pickle: bool) -> dict:
-    """A state dict from a pickle file, refused unless the caller opted in; loaded with weights_only=True."""
-    if not allow_pickle:
-        raise CheckpointError(f"{path} is a pickle file ({path.suffix}); unpickling can run code. Convert it to "
-                              f"safetensors, or pass allow_pickle=True (--allow-pickle) if you trust it")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # Lightning-style .ckpt
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
-    return obj
-
-
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """Write a safetensors file through a temporary file in the same folder and os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    """Write a text file through a temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a safetensors file atomically (rectflow.files.atomic_path)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 # ----- the released layout ---------------------------------------------------------------------------------------
 
 
-def _model_keys(keys, source) -> dict[str, str]:
-    """Map file keys to model keys: strip `model.diffusion_model.` and drop bundled VAE / text encoders."""
-    keys = list(keys)
-    if any(k.startswith(PREFIX) for k in keys):
-        return {k: k[len(PREFIX):] for k in keys if k.startswith(PREFIX)}
-    picked = {k: k for k in keys if not k.startswith(OTHER_COMPONENTS)}
-    if not picked:
-        raise CheckpointError(f"{source} holds no MM-DiT weights (no keys outside {OTHER_COMPONENTS})")
-    return picked
 
 
-def read_released(path, allow_pickle: bool = False) -> tuple[dict, dict]:
-    """The MM-DiT state dict (released key names) and the metadata of a single file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix in PICKLE_SUFFIXES:
-        raw = _read_pickle(path, allow_pickle)
-        names = _model_keys(raw, path)
-        return {names[k]: v for k, v in raw.items() if k in names}, {}
-    with safe_open(str(path), framework="pt") as f:
-        names = _model_keys(f.keys(), path)
-    tensors, metadata = _read_safetensors(path, want=names.__contains__)
-    return {names[k]: v for k, v in tensors.items()}, metadata
 
 
-def _require(sd: dict, key: str, source) -> torch.Tensor:
-    """sd[key], or an error saying the config cannot be inferred without it."""
-    if key not in sd:
-        raise CheckpointError(f"{source}: cannot infer the MM-DiT config: key {key!r} is missing")
-    return sd[key]
 
 
-def infer_config(sd: dict, source="state dict", num_heads: int | None = None, input_size: int | None = None) -> dict:
-    """An MMDiT config read off a released-layout state dict's keys and shapes (as the reference code does).
-
-    Heads: from the QK-norm width when present, else num_heads, else the SD3 rule head dim 64. input_size (only used
-    to build a fresh position table) defaults to SD3's 1024 px latent side, 128, capped at the table's extent.
-    """
-    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"joint_blocks\.(\d+)\.", k)] if m}
-    if not blocks:
-        raise CheckpointError(f"{source}: cannot infer the MM-DiT config: no joint_blocks.N.* keys")
-    depth = max(blocks) + 1
-    proj = _require(sd, "x_embedder.proj.weight", source)
-    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    final = _require(sd, "final_layer.linear.weight", source)
-    ln_q = sd.get("joint_blocks.0.x_block.attn.ln_q.weight")
-    qk_norm = None if ln_q is None else "ln" if "joint_blocks.0.x_block.attn.ln_q.bias" in sd else "rms"
-    if ln_q is not None:
-        num_heads = hidden // ln_q.shape[0]
-    elif num_heads is None:
-        num_heads = max(hidden // 64, 1)
-    pos = sd.get("pos_embed")
-    max_size = None
-    if pos is not None:
-        max_size = math.isqrt(pos.shape[1])
-        if max_size * max_size != pos.shape[1]:
-            raise CheckpointError(f"{source}: pos_embed has {pos.shape[1]} entries, not a square table")
-    elif input_size is None:
-        raise CheckpointError(f"{source}: no pos_embed table and no rectflow config in the metadata: "
-                              f"cannot tell the position grid")
-    if input_size is None:
-        input_size = min(128, max_size * patch)
-    dual = sorted({int(m.group(1)) for k in sd for m in [re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k)] if m})
-    fc1 = _require(sd, "joint_blocks.0.x_block.mlp.fc1.weight", source)
-    return dict(
-        depth=depth, hidden_size=hidden, num_heads=num_heads, patch_size=patch, in_channels=in_channels,
-        out_channels=final.shape[0] // (patch * patch),
-        context_dim=_require(sd, "context_embedder.weight", source).shape[1],
-        pooled_dim=_require(sd, "y_embedder.mlp.0.weight", source).shape[1],
-        input_size=input_size, qk_norm=qk_norm, dual_attention_layers=dual, pos_embed_max_size=max_size,
-        pos_embed_base_size=input_size, mlp_ratio=fc1.shape[0] / hidden)
 
 
-def _listing(items: list, limit: int = 12) -> str:
-    """A bounded, readable list of keys."""
-    shown = ", ".join(str(i) for i in items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def check_state_dict(model: torch.nn.Module, sd: dict, source) -> None:
-    """Raise CheckpointError listing missing, unexpected and mis-shaped keys (expected vs got)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    misshaped = [f"{k} (expected {expected[k]}, got {tuple(sd[k].shape)})"
-                 for k in sorted(set(expected) & set(sd)) if tuple(sd[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys [{len(missing)}]: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys [{len(unexpected)}]: {_listing(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys [{len(misshaped)}]: {_listing(misshaped)}")
-    if problems:
-        arch = model.config.get("arch", "mmdit")
-        name = "the MM-DiT" if arch == "mmdit" else f"the {arch} model"
-        raise CheckpointError(f"{source} does not fit {name} ({model.config['depth']} blocks, hidden "
-                              f"{model.config['hidden_size']}): " + "; ".join(problems))
 
 
 def build_model(config: dict, sd: dict, source, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -214,21 +70,13 @@ def build_model(config: dict, sd: dict, source, dtype: torch.dtype | None = None
     return model if dtype is None else model.to(dtype)
 
 
-def _metadata_config(metadata: dict, source) -> dict | None:
-    """The rectflow config stored in a file's metadata, if any."""
-    if "config" not in metadata or metadata.get("format") != FORMAT_TAG:
-        return None
-    try:
-        return json.loads(metadata["config"])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{source}: the rectflow config in the metadata is not valid JSON ({err})") from err
 
 
 def from_single_file(path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> torch.nn.Module:
     """An MMDiT from a released SD3 / SD3.5 single file (config inferred), or the model of a rectflow file (config
     in metadata; a baseline's has an "arch" key)."""
     sd, metadata = read_released(path, allow_pickle=allow_pickle)
-    config = _metadata_config(metadata, path) or infer_config(sd, source=path)
+    config = metadata_config(metadata, path) or infer_config(sd, source=path)
     return build_model(config, sd, path, dtype)
 
 
@@ -400,7 +248,7 @@ def save_diffusers(model: MMDiT, folder, pos_embed_max_size: int | None = None) 
         sd["pos_embed"] = model._grid_embedding(m, m, total=m).unsqueeze(0).to(model.x_embedder.proj.weight.dtype)
     config = diffusers_config(model.config, pos_embed_max_size)
     _atomic_save(to_diffusers_state_dict(sd), folder / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
-    _atomic_write_text(json.dumps(config, indent=2) + "\n", folder / "config.json")
+    write_text_atomic(folder / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def _read_diffusers_weights(folder: Path, allow_pickle: bool) -> dict:

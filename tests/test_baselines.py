@@ -197,3 +197,17 @@ def test_patch_layout_matches_mmdit():
     dit, mm = randomise(tiny("dit", depth=1)), tiny("mmdit", depth=1)
     out = torch.randn(2, 16, 2 * 2 * 3)
     assert torch.equal(dit.unpatchify(out, 4, 4), mm.unpatchify(out, 4, 4))
+
+
+def test_mmdit_from_single_file_returns_an_mmdit_or_raises(tmp_path):
+    """A rectflow file of a baseline loads through rectflow.checkpoints.load_model, and MMDiT.from_single_file
+    refuses it instead of returning another class."""
+    from rectflow.checkpoints import CheckpointError, load_model, save_model
+    save_model(randomise(tiny("dit")), tmp_path / "dit.safetensors")
+    assert type(load_model(tmp_path / "dit.safetensors")).__name__ == "DiT"
+    with pytest.raises(CheckpointError, match="not an MM-DiT"):
+        MMDiT.from_single_file(tmp_path / "dit.safetensors")
+    mmdit = MMDiT.from_depth(2, patch_size=2, in_channels=4, context_dim=8, pooled_dim=8, input_size=8)
+    save_model(mmdit, tmp_path / "mmdit.safetensors")
+    loaded = MMDiT.from_single_file(tmp_path / "mmdit.safetensors")
+    assert type(loaded) is MMDiT and loaded.config == mmdit.config

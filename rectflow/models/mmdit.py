@@ -32,6 +32,7 @@ from rectflow.models.layers import (
     position_grid,
     sincos_2d,
 )
+from rectflow.models.released import CheckpointError, check_state_dict, infer_config, metadata_config, read_released
 
 # bf16 CPU attention with at most this many scores per head (L_q * L_k) uses two matmuls instead of SDPA (see
 # attention()); above it the score matrices would cost more memory than the speed is worth.
@@ -278,9 +279,19 @@ class MMDiT(nn.Module):
 
     @classmethod
     def from_single_file(cls, path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> "MMDiT":
-        """Load a released SD3 / SD3.5 (or rectflow) single file; the config is read off its keys and shapes."""
-        from rectflow.checkpoints import from_single_file
-        return from_single_file(path, dtype=dtype, allow_pickle=allow_pickle)
+        """Load a released SD3 / SD3.5 (or rectflow MM-DiT) single file; the config is read off its keys and shapes (or
+        a rectflow file's metadata). A file of another architecture is an error (rectflow.checkpoints.load_model
+        loads any)."""
+        sd, metadata = read_released(path, allow_pickle=allow_pickle)
+        config = metadata_config(metadata, path) or infer_config(sd, source=path)
+        if config.get("arch", "mmdit") != "mmdit":
+            raise CheckpointError(f"{path} holds a {config['arch']!r} model of the architecture study, not an MM-DiT; "
+                                  f"load it with rectflow.checkpoints.load_model")
+        with torch.device("meta"):  # no memory spent on a random init: the file's tensors are assigned
+            model = cls.from_config({k: v for k, v in config.items() if k != "arch"})
+        check_state_dict(model, sd, path)
+        model.load_state_dict(sd, assign=True)
+        return model if dtype is None else model.to(dtype)
 
     @property
     def config(self) -> dict:
