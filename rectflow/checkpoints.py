@@ -24,7 +24,7 @@ from rectflow.files import atomic_path, write_text_atomic
 from rectflow.models import baselines
 from rectflow.models.mmdit import MMDiT
 from rectflow.models.released import (FORMAT_TAG, OTHER_COMPONENTS, PICKLE_SUFFIXES, PREFIX,  # noqa: F401
-                                      CheckpointError, _read_pickle, _read_safetensors, check_state_dict,
+                                      CheckpointError, _listing, _read_pickle, _read_safetensors, check_state_dict,
                                       infer_config, metadata_config, read_released)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"

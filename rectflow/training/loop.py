@@ -226,7 +226,6 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train to max_steps; returns the run directory."""
-        from tqdm import tqdm
         cfg, main = self.cfg, self.ctx.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
