@@ -1,4 +1,4 @@
-"""Autoencoders between images and the latents the flow models (PAPER section 4, autoencoder channels).
+"""Autoencoders between images and the latents the flow models (docs/paper.md §4, autoencoder channels).
 
 Every autoencoder maps images [B, 3, H, W] in [-1, 1] to latents [B, channels, H / factor, W / factor] that are
 already normalised (scale and shift applied), and back:

@@ -21,7 +21,7 @@ from rectflow.flow import Formulation
 
 # the networks rectflow.models.baselines builds (ARCHITECTURES), listed here so the config needs no torch import
 ARCHS = ("mmdit", "mmdit3", "dit", "crossdit", "uvit")
-AUTO_UNCOND = 0.1  # share of training samples with every text encoder dropped when text_drop is null (PAPER 4)
+AUTO_UNCOND = 0.1  # share of training samples with every text encoder dropped when text_drop is null (docs/paper.md §4)
 
 
 def _f(default, help: str, choices: tuple | None = None, resume: bool = False):
@@ -48,23 +48,23 @@ class TrainConfig:
     text_drop: float | None = _f(None, "probability of zeroing each text encoder's output, independently per "
                                        "sample; also what classifier-free guidance relies on. null: automatic, "
                                        "0.1 ** (1 / k) for k text encoders, so that 10% of samples see no text "
-                                       "(k = 3: 0.464, PAPER 4; MiniLM's single encoder: 0.1)")
-    # the forward process (PAPER 1-3, 5)
-    formulation: str = _f("rf/lognorm(0.00, 1.00)", "forward process and loss, any name of PAPER 1-3 "
+                                       "(k = 3: 0.464, docs/paper.md §4; MiniLM's single encoder: 0.1)")
+    # the forward process (docs/paper.md §1-3, 5)
+    formulation: str = _f("rf/lognorm(0.00, 1.00)", "forward process and loss, any name of docs/paper.md §1-3 "
                                                     "(e.g. rf, rf/lognorm(0.00, 1.00), rf/mode(1.29), eps/linear, "
                                                     "v/cos, edm(0.00, 0.60), edm/rf)")
-    shift: float = _f(1.0, "resolution-dependent timestep shift alpha applied to training t (PAPER 5; "
+    shift: float = _f(1.0, "resolution-dependent timestep shift alpha applied to training t (docs/paper.md §5; "
                            "SD3 uses 3.0 at 1024px); also the default shift of sample grids")
-    # the model (PAPER 4)
+    # the model (docs/paper.md §4)
     arch: str = _f("mmdit", "network: 'mmdit' (the paper's MM-DiT, as depth, hidden and heads give it) or a baseline "
-                            "of the architecture study (PAPER 4) built at that MM-DiT's parameter count and head "
+                            "of the architecture study (docs/paper.md §4) built at that MM-DiT's parameter count and head "
                             "count: 'mmdit3' (three weight sets), 'crossdit', 'uvit' or 'dit' "
                             "(rectflow.models.baselines)", ARCHS)
     depth: int = _f(6, "number of MM-DiT blocks d")
     hidden: int | None = _f(192, "hidden size; null means 64 * depth as in the paper")
     heads: int | None = _f(3, "attention heads; null means depth (head dim 64) as in the paper")
     patch_size: int = _f(4, "side of the square patches cut from the latent (the paper uses 2 on 32x32 latents)")
-    qk_norm: str = _f("rms", "normalisation of queries and keys per head (PAPER 4)", ("none", "rms", "ln"))
+    qk_norm: str = _f("rms", "normalisation of queries and keys per head (docs/paper.md §4)", ("none", "rms", "ln"))
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass (less memory, slower)")
     # optimisation
     batch_size: int = _f(64, "global batch size (all processes and accumulation micro-steps together)")
@@ -76,7 +76,7 @@ class TrainConfig:
                           ("constant", "cosine"))
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
     betas: list = _f([0.9, 0.999], "AdamW betas [beta1, beta2]")
-    adam_eps: float | None = _f(None, "AdamW epsilon; null means 1e-15 with qk_norm (PAPER 4) and 1e-8 without")
+    adam_eps: float | None = _f(None, "AdamW epsilon; null means 1e-15 with qk_norm (docs/paper.md §4) and 1e-8 without")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 disables clipping")
     bf16: bool = _f(True, "bfloat16 autocast for the model's forward pass, on CPU and GPU (weights and optimizer "
@@ -141,14 +141,14 @@ class TrainConfig:
         return self
 
     def effective_text_drop(self, n_encoders: int) -> float:
-        """text_drop, or when null 0.1 ** (1 / k) for k text encoders: 10% of samples fully unconditional (PAPER 4)."""
+        """text_drop, or when null 0.1 ** (1 / k) for k text encoders: 10% of samples fully unconditional (docs/paper.md §4)."""
         if self.text_drop is not None:
             return self.text_drop
         return AUTO_UNCOND ** (1 / max(1, n_encoders))
 
     @property
     def effective_adam_eps(self) -> float:
-        """AdamW epsilon: the paper pairs QK-normalisation with eps = 1e-15 (PAPER 4)."""
+        """AdamW epsilon: the paper pairs QK-normalisation with eps = 1e-15 (docs/paper.md §4)."""
         if self.adam_eps is not None:
             return self.adam_eps
         return 1e-15 if self.qk_norm != "none" else 1e-8

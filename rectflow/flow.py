@@ -4,9 +4,9 @@ and a loss weight under one name. The paths are in rectflow.paths, the t sampler
 z_t = a_t x0 + b_t eps, t in [0, 1], t = 0 data, t = 1 noise. A Formulation combines
   - a path (a_t, b_t): rectified flow, the LDM discrete variance-preserving schedule, cosine, or EDM's sigma(t);
   - what the network predicts: the velocity eps - x0, eps, v = a eps - b x0, or EDM's preconditioned F;
-  - the density pi(t) training times are drawn from: uniform, logit-normal, mode, cosmap (PAPER 2);
+  - the density pi(t) training times are drawn from: uniform, logit-normal, mode, cosmap (docs/paper.md §2);
 and a per-sample loss equal to -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2, so that its expectation over
-t ~ pi is the paper's objective L_w with weight w_t (PAPER 1). docs/formulations.md maps every name to its formulas.
+t ~ pi is the paper's objective L_w with weight w_t (docs/paper.md §1). docs/formulations.md maps every name to its formulas.
 """
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from rectflow.paths import (LDM_BETA_END, LDM_BETA_START, LDM_STEPS, SIGMA_MAX, 
                             _expand, _time, ldm_log_alphabar)
 from rectflow.timesteps import CosMap, LogitNormal, ModeSampler, Uniform  # noqa: F401  (re-exported)
 
-SIGMA_DATA = 0.5  # EDM's sigma_data: the 0.5^2 in the EDM weighting (PAPER 1)
+SIGMA_DATA = 0.5  # EDM's sigma_data: the 0.5^2 in the EDM weighting (docs/paper.md §1)
 
 ACCEPTED = ("rf, rf/lognorm(m, s), rf/mode(s), rf/cosmap, eps/linear, v/linear, eps/cos, v/cos, "
             "edm(Pm, Ps), edm/rf, edm/cos")
 
 
 def shift_time(t, alpha):
-    """Resolution-dependent shift t_m = alpha t / (1 + (alpha - 1) t) (PAPER 5)."""
+    """Resolution-dependent shift t_m = alpha t / (1 + (alpha - 1) t) (docs/paper.md §5)."""
     if not alpha > 0:
         raise ValueError(f"shift_time: alpha must be > 0, got {alpha}")
     if alpha == 1:
@@ -36,7 +36,7 @@ def shift_time(t, alpha):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Weightings w_t of PAPER 1 (with t ~ U(0, 1)); rf variants fold their sampler density in (PAPER 2)
+# Weightings w_t of docs/paper.md §1 (with t ~ U(0, 1)); rf variants fold their sampler density in (docs/paper.md §2)
 
 
 def _w_rf(f, t):
@@ -68,7 +68,7 @@ def _w_edm(f, t):
 
 
 class Formulation:
-    """One variant of the formulation study: path, prediction target, t sampler and loss weighting (PAPER 1-3)."""
+    """One variant of the formulation study: path, prediction target, t sampler and loss weighting (docs/paper.md §1-3)."""
 
     def __init__(self, name, path, prediction, sampler, weight, loss_scale, t_max=None):
         self.name = name
@@ -122,7 +122,7 @@ class Formulation:
         return self.path.to_rf_time(_time(t))
 
     def w(self, t):
-        """The paper's weight w_t of L_w with t ~ U(0, 1) (PAPER 1 table; rf variants: t/(1-t) pi(t), PAPER 2)."""
+        """The paper's weight w_t of L_w with t ~ U(0, 1) (docs/paper.md §1 table; rf variants: t/(1-t) pi(t), docs/paper.md §2)."""
         return self._weight(self, _time(t))
 
     def t_density(self, t):
@@ -131,9 +131,9 @@ class Formulation:
 
     # -- training
     def sample_t(self, n, generator=None, device=None, shift=1.0, dtype=None) -> torch.Tensor:
-        """n training times from pi(t), shifted (PAPER 5), kept inside the open interval (0, 1).
+        """n training times from pi(t), shifted (docs/paper.md §5), kept inside the open interval (0, 1).
 
-        The shift acts in rf time, t -> from_rf_time(shift_time(to_rf_time(t))), so that it is PAPER 5's
+        The shift acts in rf time, t -> from_rf_time(shift_time(to_rf_time(t))), so that it is docs/paper.md §5's
         lambda -> lambda - 2 log(alpha) on every path (for the rf family both maps are the identity).
         """
         dtype = dtype or torch.get_default_dtype()
@@ -204,7 +204,7 @@ class Formulation:
         return eps - x0
 
     def loss(self, net_out, x0, eps, t):
-        """Per-sample loss -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2 (mean over non-batch dims), PAPER 1."""
+        """Per-sample loss -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2 (mean over non-batch dims), docs/paper.md §1."""
         dtype = torch.promote_types(net_out.dtype, torch.float32)
         err = net_out.to(dtype) - self.target(x0, eps, t).to(dtype)
         return self.loss_scale * err.pow(2).flatten(1).mean(1)
@@ -239,7 +239,7 @@ class Formulation:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Names (PAPER 3, Table 1)
+# Names (docs/paper.md §3, Table 1)
 
 
 def _fmt(x: float) -> str:
@@ -312,7 +312,7 @@ def _mode(name, s):
     if not -1 <= s <= 1.75:
         raise _bad(name, f"mode s must lie in [-1, 1.75] (f_mode is monotone there), got {s}")
     if s == 0:
-        return _rf("rf", Uniform())  # mode(0) is the uniform sampler (PAPER 2)
+        return _rf("rf", Uniform())  # mode(0) is the uniform sampler (docs/paper.md §2)
     return _rf(f"rf/mode({_fmt(s)})", ModeSampler(s))
 
 
@@ -324,7 +324,7 @@ def _edm_lognormal(name, p_mean, p_std):
 
 _KIND = {"rf/lognorm": _lognorm, "rf/mode": _mode, "edm": _edm_lognormal}
 
-# Grid points where PAPER 3 gives only ranges (docs/formulations.md): every Table 1 entry is on them.
+# Grid points where docs/paper.md §3 gives only ranges (docs/formulations.md): every Table 1 entry is on them.
 MODE_S = [round(-1 + k * 2.75 / 6, 2) for k in range(7)] + [1.0]  # 7 evenly spaced in [-1, 1.75], plus 1.0 (0 is rf)
 LOGNORM_M = [-1.0, -0.5, 0.0, 0.5, 1.0]
 LOGNORM_S = [0.2, 0.6, 1.0, 1.4, 1.8, 2.2]
@@ -339,7 +339,7 @@ TABLE1 = [
 
 
 def paper_grid() -> list[str]:
-    """The 61 canonical names of the formulation study (PAPER 3)."""
+    """The 61 canonical names of the formulation study (docs/paper.md §3)."""
     names = ["eps/linear", "v/linear", "eps/cos", "v/cos", "rf"]
     names += [f"rf/mode({_fmt(s)})" for s in sorted(MODE_S)]
     names += ["rf/cosmap"]

@@ -9,7 +9,7 @@ import math
 import torch
 
 SIGMA_MAX = 80.0  # EDM's sigma(1) is infinite; sampling starts at Karras et al.'s sigma_max
-LDM_BETA_START, LDM_BETA_END, LDM_STEPS = 0.00085, 0.012, 1000  # the usual LDM values (PAPER 1)
+LDM_BETA_START, LDM_BETA_END, LDM_STEPS = 0.00085, 0.012, 1000  # the usual LDM values (docs/paper.md §1)
 
 
 def _time(t) -> torch.Tensor:
@@ -145,7 +145,7 @@ class LinearVPPath(Path):
 
 
 class EDMPath(Path):
-    """EDM (PAPER 1): a = 1, b = sigma(t); subclasses give log sigma, sigma' and lambda' = -2 sigma'/sigma."""
+    """EDM (docs/paper.md §1): a = 1, b = sigma(t); subclasses give log sigma, sigma' and lambda' = -2 sigma'/sigma."""
 
     def a(self, t):
         return torch.ones_like(t)

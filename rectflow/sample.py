@@ -32,7 +32,7 @@ from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights  # noqa: F401
 from rectflow.sampling import guided, sample
 from rectflow.text import load_text_encoder
 
-DEFAULTS_FOR_RELEASED = {"formulation": "rf", "shift": 3.0, "schedule": "sd3"}  # PAPER 6: released inference settings
+DEFAULTS_FOR_RELEASED = {"formulation": "rf", "shift": 3.0, "schedule": "sd3"}  # docs/paper.md §6: released inference settings
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _check_conditioning(model, text, path) -> None:
 
 def keep_encoders(text_encoder, context: torch.Tensor, pooled: torch.Tensor,
                   names) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the outputs of every encoder not in `names` (PAPER 4: any subset can be used at inference)."""
+    """Zero the outputs of every encoder not in `names` (docs/paper.md §4: any subset can be used at inference)."""
     if names is None:
         return context, pooled
     known = list(text_encoder.encoder_names)
@@ -215,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--shift", type=float, default=None, help="time-grid shift alpha (default: the run's training "
                    "shift; 3.0 for released files)")
     s.add_argument("--schedule", choices=("linear", "sd3"), default=None, help="time grid: linear, or sd3 (the "
-                   "released samplers' grid, PAPER 6); default linear for runs, sd3 for released files")
+                   "released samplers' grid, docs/paper.md §6); default linear for runs, sd3 for released files")
     s.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded by seed + i")
     s.add_argument("--batch-size", type=int, default=8, help="images per model batch")
     s.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the run's)")

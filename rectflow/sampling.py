@@ -1,4 +1,4 @@
-"""Sampling: time grids, classifier-free guidance and ODE solvers (PAPER 6).
+"""Sampling: time grids, classifier-free guidance and ODE solvers (docs/paper.md §6).
 
 Solvers are small pure functions over an explicit, decreasing time grid in the formulation's own t. Every
 formulation is sampled the same way: its network output becomes (x0_hat, eps_hat), and Euler and Heun step the ODE
@@ -24,7 +24,7 @@ def time_grid(steps: int, shift: float = 1.0, schedule: str = "linear") -> torch
 
     linear: shift_time(linspace(1, 0, steps + 1), shift).
     sd3: shift_time(linspace(1, shift_time(1/1000, shift), steps), shift) then 0, the grid the released models are
-    sampled with (PAPER 6: the low end is shifted twice).
+    sampled with (docs/paper.md §6: the low end is shifted twice).
     """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"time_grid: steps must be a positive integer, got {steps}")
@@ -41,7 +41,7 @@ def time_grid(steps: int, shift: float = 1.0, schedule: str = "linear") -> torch
 def guided(model, context, y, cfg_scale, uncond_context=None, uncond_y=None):
     """model_fn(z_in, t_in) with classifier-free guidance: uncond + cfg_scale (cond - uncond), one batched forward.
 
-    model(x, t, context, y); the unconditional inputs default to zeros (the training-time dropout of PAPER 4).
+    model(x, t, context, y); the unconditional inputs default to zeros (the training-time dropout of docs/paper.md §4).
     At cfg_scale 1 the unconditional branch cancels, so only the conditional forward runs.
     """
     if cfg_scale == 1:

@@ -1,4 +1,4 @@
-"""Text conditioning: encoders, the SD3 context assembly, per-encoder dropout and caching (PAPER section 4).
+"""Text conditioning: encoders, the SD3 context assembly, per-encoder dropout and caching (docs/paper.md §4).
 
 Every encoder maps captions to (context [B, L, Dc], pooled [B, Dp]) and knows which slice of both each of its
 sub-encoders fills, so drop() can zero each sub-encoder independently per sample, as SD3 trains.
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Probability of dropping each encoder during training (PAPER 4: 46.3% in the text, 46.4% in the appendix;
+# Probability of dropping each encoder during training (docs/paper.md §4: 46.3% in the text, 46.4% in the appendix;
 # 0.464^3 ~ 10% of samples see no text at all).
 DROP_P = 0.464
 # Released SD3 widths, used for encoders that are not loaded: (hidden, projection) for CLIP, d_model for T5.
@@ -146,7 +146,7 @@ def _tokenizer_folder(path: Path) -> Path:
 
 
 class SD3TextEncoders(TextEncoder):
-    """SD3's three text encoders assembled as in PAPER section 4:
+    """SD3's three text encoders assembled as in docs/paper.md §4:
 
         pooled  = concat(CLIP-L text_embeds, CLIP-G text_embeds)                               [B, 768 + 1280]
         context = concat_seq(pad_channels(concat(CLIP-L h[-2], CLIP-G h[-2])), T5 last state)    [B, 77 + 77, 4096]

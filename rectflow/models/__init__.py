@@ -1,4 +1,4 @@
-"""Network architectures: MM-DiT (PAPER.md section 4) and its building blocks."""
+"""Network architectures: MM-DiT (docs/paper.md §4) and its building blocks."""
 from rectflow.models.mmdit import MMDiT
 
 __all__ = ["MMDiT"]

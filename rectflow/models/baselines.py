@@ -1,4 +1,4 @@
-"""The architecture study's baselines (PAPER.md section 4): DiT, CrossDiT, UViT and MM-DiT with three weight sets.
+"""The architecture study's baselines (docs/paper.md §4): DiT, CrossDiT, UViT and MM-DiT with three weight sets.
 
 All share MM-DiT's interface and pieces (rectflow.models.layers, the MM-DiT stream block and final layer):
 model(x [B,C,H,W], t [B] in [0,1], context [B,L,context_dim], y [B,pooled_dim]) -> [B,C_out,H,W], a JSON config
@@ -166,7 +166,7 @@ class Baseline(nn.Module):
 
 
 class DiT(Baseline):
-    """Vanilla DiT for text: [text; image] tokens in one sequence, one weight set (PAPER 4 architecture study)."""
+    """Vanilla DiT for text: [text; image] tokens in one sequence, one weight set (docs/paper.md §4 architecture study)."""
 
     arch = "dit"
 
@@ -249,7 +249,7 @@ class CrossBlock(nn.Module):
 
 
 class CrossDiT(Baseline):
-    """DiT whose image tokens cross-attend to the text tokens (PAPER 4 architecture study)."""
+    """DiT whose image tokens cross-attend to the text tokens (docs/paper.md §4 architecture study)."""
 
     arch = "crossdit"
 

@@ -1,4 +1,4 @@
-"""Shared MM-DiT pieces (PAPER.md section 4): patch, position, timestep and vector embedders, QK norms, MLP, adaLN.
+"""Shared MM-DiT pieces (docs/paper.md §4): patch, position, timestep and vector embedders, QK norms, MLP, adaLN.
 
 Module and parameter names mirror the released SD3 checkpoints (`x_embedder.proj`, `t_embedder.mlp.0`, `mlp.fc1`,
 `attn.ln_q`, ...), so a released state dict loads without renaming.
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FREQUENCY_DIM = 256  # width of the sinusoidal timestep features (SD3)
-TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000, as SD3 does (PAPER 4), so released weights work unchanged
+TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000, as SD3 does (docs/paper.md §4), so released weights work unchanged
 
 
 def timestep_features(t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> torch.Tensor:
@@ -45,7 +45,7 @@ def sincos_2d(pos_y: torch.Tensor, pos_x: torch.Tensor, dim: int) -> torch.Tenso
 
 
 def position_grid(n: int, ref: float, scale: float, total: int | None = None) -> torch.Tensor:
-    """The paper's extended-and-interpolated positions along one axis (PAPER 4 "Mixed aspect ratios").
+    """The paper's extended-and-interpolated positions along one axis (docs/paper.md §4 "Mixed aspect ratios").
 
     A grid of `total` tokens (default n) centred on a reference side of `ref` tokens: (p - (total - ref) / 2) * scale,
     then centre-cropped to n tokens. scale = base / ref maps the reference side onto the pretraining grid.
@@ -99,7 +99,7 @@ class VectorEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learnable scale over the last dimension (QK-normalisation, PAPER 4), eps 1e-6."""
+    """RMSNorm with a learnable scale over the last dimension (QK-normalisation, docs/paper.md §4), eps 1e-6."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -144,7 +144,7 @@ def cpu_autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the last dim, eps 1e-6, no affine (adaLN's norm, PAPER 4).
+    """LayerNorm over the last dim, eps 1e-6, no affine (adaLN's norm, docs/paper.md §4).
 
     Under CPU autocast the fp32 residual stream is cast before the norm, so the norm, the modulation and the next
     matmul run in bf16 with one cast instead of fp32 passes and a cast at the matmul (about 10% of a bf16 training
@@ -157,7 +157,7 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: LayerNorm(x) (eps 1e-6, no affine) * (1 + scale) + shift, with shift, scale [B, h] (PAPER 4)."""
+    """adaLN: LayerNorm(x) (eps 1e-6, no affine) * (1 + scale) + shift, with shift, scale [B, h] (docs/paper.md §4)."""
     normed = layer_norm(x)
     return torch.addcmul(shift.unsqueeze(1), normed, (1 + scale).unsqueeze(1))
 

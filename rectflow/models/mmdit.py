@@ -1,11 +1,11 @@
-"""MM-DiT, the text-to-image transformer of SD3 (PAPER.md section 4), with SD3.5's MMDiT-X dual attention.
+"""MM-DiT, the text-to-image transformer of SD3 (docs/paper.md §4), with SD3.5's MMDiT-X dual attention.
 
 Two token streams (text context, image patches) with separate weights meet in one joint attention per block; a
 conditioning vector c = t_embedder(t) + y_embedder(pooled text) drives every adaLN. Module names mirror the released
 checkpoints' keys (`joint_blocks.N.x_block.attn.qkv`, `final_layer.linear`, ...), so a released state dict is a plain
 `load_state_dict` (see rectflow.checkpoints for files, the diffusers layout and config inference).
 
-Positions (PAPER 4 "Mixed aspect ratios"): tokens sit on the paper's extended-and-interpolated grid, centred on the
+Positions (docs/paper.md §4 "Mixed aspect ratios"): tokens sit on the paper's extended-and-interpolated grid, centred on the
 reference side s = input_size / patch_size and scaled by pos_embed_base_size / input_size (the pretraining side
 over the current one). With pos_embed_max_size = M the grid is a fixed M x M table (a `pos_embed` buffer, as in the
 released files) that is centre-cropped to each input; without it the grid is computed for any H x W.
@@ -97,7 +97,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 def joint_attention(context_attn: SelfAttention, context_in: torch.Tensor, x_attn: SelfAttention,
                     x_in: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Attention over the concatenated [context; image] sequence, split back per stream (PAPER 4).
+    """Attention over the concatenated [context; image] sequence, split back per stream (docs/paper.md §4).
 
     A pre-only context stream contributes keys and values only (its outputs would be discarded) and gets None back.
     """
@@ -121,7 +121,7 @@ def joint_attention(context_attn: SelfAttention, context_in: torch.Tensor, x_att
 
 
 class StreamBlock(nn.Module):
-    """One stream's half of a joint block: adaLN modulation, attention weights and MLP (PAPER 4).
+    """One stream's half of a joint block: adaLN modulation, attention weights and MLP (docs/paper.md §4).
 
     The adaLN produces shift, scale, gate for attention and MLP (6 x h); 9 x h with MMDiT-X's second attention
     (its own shift, scale, gate on the same normalised input); 2 x h (shift, scale) for the pre-only last context
@@ -162,7 +162,7 @@ class StreamBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """One MM-DiT block: a context stream and an image stream joined in one attention (PAPER 4)."""
+    """One MM-DiT block: a context stream and an image stream joined in one attention (docs/paper.md §4)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: str | None,
                  pre_only: bool, dual_attention: bool):
@@ -184,7 +184,7 @@ class JointBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) -> LayerNorm -> Linear(h, p * p * C_out) (PAPER 4)."""
+    """adaLN (shift, scale) -> LayerNorm -> Linear(h, p * p * C_out) (docs/paper.md §4)."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -262,7 +262,7 @@ class MMDiT(nn.Module):
                    context_dim: int = 4096, pooled_dim: int = 2048, input_size: int = 32, qk_norm: str | None = None,
                    dual_attention_layers=(), pos_embed_max_size: int | None = None, hidden_size: int | None = None,
                    num_heads: int | None = None, **kw) -> "MMDiT":
-        """The paper's size rule (PAPER 4): depth d, hidden 64 d, d heads (head dim 64) unless overridden."""
+        """The paper's size rule (docs/paper.md §4): depth d, hidden 64 d, d heads (head dim 64) unless overridden."""
         return cls(depth=d, hidden_size=64 * d if hidden_size is None else hidden_size,
                    num_heads=d if num_heads is None else num_heads, patch_size=patch_size, in_channels=in_channels,
                    out_channels=out_channels, context_dim=context_dim, pooled_dim=pooled_dim, input_size=input_size,
@@ -302,7 +302,7 @@ class MMDiT(nn.Module):
         """DiT-style init: xavier linears, N(0, 0.02) embedder MLPs, zero adaLN (gates) and zero final layer."""
         init_weights(self)
 
-    # ----- positions (PAPER 4 "Mixed aspect ratios") ---------------------------------------------------------------
+    # ----- positions (docs/paper.md §4 "Mixed aspect ratios") ---------------------------------------------------------------
 
     def _grid_embedding(self, h: int, w: int, total: int | None = None) -> torch.Tensor:
         """Sin-cos embedding [h * w, hidden] of the extended-and-interpolated grid, centre-cropped to h x w."""
@@ -330,7 +330,7 @@ class MMDiT(nn.Module):
         return self._pos_cache[key]
 
     def set_position_grid(self, input_size: int, pos_embed_base_size: int | None = None) -> None:
-        """Re-centre and re-scale the position grid for training at a new resolution (PAPER 4): input_size is the new
+        """Re-centre and re-scale the position grid for training at a new resolution (docs/paper.md §4): input_size is the new
         reference latent side, pos_embed_base_size the pretraining one (default: unchanged). A table is rebuilt."""
         base = self._config["pos_embed_base_size"] if pos_embed_base_size is None else pos_embed_base_size
         if input_size % self.patch_size:

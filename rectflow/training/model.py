@@ -15,7 +15,7 @@ from rectflow.models.mmdit import MMDiT
 
 def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_dim: int, pooled_dim: int,
                 context_splits: list[int] | None = None):
-    """The network of the config: its MM-DiT (PAPER 4), or a baseline of `cfg.arch` at that MM-DiT's size.
+    """The network of the config: its MM-DiT (docs/paper.md §4), or a baseline of `cfg.arch` at that MM-DiT's size.
 
     context_splits: token counts of the context's parts (SD3: [CLIP, T5]), the streams of mmdit3's extra weight set;
     None splits the context into halves (rectflow.models.baselines.MMDiT3).
