@@ -1,5 +1,8 @@
 """The architecture study's baselines (docs/paper.md §4): DiT, CrossDiT, UViT and MM-DiT with three weight sets.
 
+(Over 400 lines on purpose: the four networks of one study and the parameter matching that makes them comparable
+read side by side, each class short.)
+
 All share MM-DiT's interface and pieces (rectflow.models.layers, the MM-DiT stream block and final layer):
 model(x [B,C,H,W], t [B] in [0,1], context [B,L,context_dim], y [B,pooled_dim]) -> [B,C_out,H,W], a JSON config
 (`model.config`, with an "arch" key) and `from_config`. The conditioning vector c = t_embedder(t) + y_embedder(y)
