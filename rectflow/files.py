@@ -88,3 +88,65 @@ def file_lock(path: str | Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class DamagedFile(ValueError):
+    """A file that is not what its name or role says (truncated, empty, another format); the message names it."""
+
+
+MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
+MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"PK\x03\x04": "a zip / torch.save file",
+         b"\x80": "a pickle", b"GIF8": "a GIF image", b"RIFF": "a RIFF (WebP) image"}
+
+
+def _kind_of(head: bytes) -> str | None:
+    """What a file's first bytes say it is, when they say."""
+    return next((kind for magic, kind in MAGIC.items() if head.startswith(magic)), None)
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """The JSON header of a safetensors file, after checking that the header is whole and the tensors' byte ranges
+    end exactly at the end of the file; DamagedFile (naming the file and what is wrong) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        kind = _kind_of(head)
+        if size < 8 or n < 2 or n > min(MAX_HEADER, size - 8):
+            what = f"it is {kind}" if kind else ("it is empty" if size == 0 else
+                                                 "truncated, or another format")
+            raise DamagedFile(f"{path} is not a readable safetensors file ({size} bytes; {what})")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DamagedFile(f"{path} is not a readable safetensors file (its header is not valid JSON: "
+                              f"{err})") from None
+    if not isinstance(header, dict):
+        raise DamagedFile(f"{path} is not a readable safetensors file (its header is not a JSON object)")
+    try:
+        end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+    except (TypeError, KeyError, IndexError) as err:
+        raise DamagedFile(f"{path} is not a readable safetensors file (malformed tensor entry: {err!r})") from None
+    if 8 + n + end != size:
+        raise DamagedFile(f"{path} is damaged: its tensors end at byte {8 + n + end} but the file has {size} bytes "
+                          f"({'truncated' if size < 8 + n + end else 'trailing data'})")
+    return header
+
+
+def check_zip(path: str | Path) -> None:
+    """A torch.save file (a zip archive) whose directory at the end is readable: DamagedFile otherwise."""
+    import zipfile
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        with open(path, "rb") as fh:
+            kind = _kind_of(fh.read(8))
+        raise DamagedFile(f"{path} is not a readable torch.save file ({path.stat().st_size} bytes; "
+                          f"{'truncated or damaged' if kind and kind.startswith('a zip') else kind or err})") from None

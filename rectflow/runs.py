@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from rectflow.files import fsync, write_text_atomic
+from rectflow.files import DamagedFile, check_safetensors, check_zip, fsync, write_text_atomic
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -41,29 +41,74 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
+class DamagedCheckpoint(ValueError):
+    """The newest checkpoint of a run holds all its files but they do not load; the message names it and the newest
+    loadable one."""
+
+
 def is_complete(ck_dir: Path) -> bool:
-    """A checkpoint directory with all its files."""
+    """A checkpoint directory with all its files (whether they load: checkpoint_problem)."""
     return all((Path(ck_dir) / f).is_file() for f in CHECKPOINT_FILES)
 
 
-def step_dirs(ck_root: Path) -> list[Path]:
-    """Complete step_N directories, oldest first."""
+def checkpoint_problem(ck_dir: Path) -> str | None:
+    """Why a complete checkpoint directory does not load (a damaged header, a truncated file), or None."""
+    ck_dir = Path(ck_dir)
+    try:
+        check_safetensors(ck_dir / WEIGHT_FILES["raw"])
+        check_safetensors(ck_dir / WEIGHT_FILES["ema"])
+        check_zip(ck_dir / STATE)
+    except (DamagedFile, FileNotFoundError) as err:
+        return str(err)
+    return None
+
+
+def _step_of(d: Path) -> int:
+    return int(d.name[5:])
+
+
+def step_dirs(ck_root: Path, loadable: bool = True) -> list[Path]:
+    """Complete step_N directories (with loadable=True: only those whose files load), oldest first."""
     if not Path(ck_root).is_dir():
         return []
     dirs = [d for d in Path(ck_root).glob("step_*") if d.is_dir() and d.name[5:].isdigit() and is_complete(d)]
-    return sorted(dirs, key=lambda d: int(d.name[5:]))
+    if loadable:
+        dirs = [d for d in dirs if checkpoint_problem(d) is None]
+    return sorted(dirs, key=_step_of)
 
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` points to; else the newest complete step_N; None when there is none."""
+    """The checkpoint `latest` points to if it loads; else the newest loadable step_N; None when there is none."""
     ck_root = checkpoint_root(run_dir)
     pointer = ck_root / LATEST
     if pointer.is_file():
-        d = ck_root / pointer.read_text().strip()
-        if d.is_dir() and is_complete(d):
+        d = ck_root / pointer.read_text(errors="replace").strip()
+        if d.is_dir() and d.parent == ck_root and is_complete(d) and checkpoint_problem(d) is None:
             return d
     dirs = step_dirs(ck_root)
     return dirs[-1] if dirs else None
+
+
+def damaged_newest(run_dir: str | Path) -> tuple[Path, str] | None:
+    """(checkpoint, problem) when the newest complete checkpoint of a run does not load, else None. Interrupted saves
+    (temp folders, folders missing files) are not damage: rectflow never renames a checkpoint into place unfinished."""
+    complete = step_dirs(checkpoint_root(run_dir), loadable=False)
+    if not complete:
+        return None
+    problem = checkpoint_problem(complete[-1])
+    return None if problem is None else (complete[-1], problem)
+
+
+def check_resumable(run_dir: str | Path, from_last_good: bool) -> Path | None:
+    """The checkpoint to resume from: find_checkpoint's, unless the newest one is damaged and from_last_good is not
+    set, which raises DamagedCheckpoint naming both (nothing is deleted)."""
+    found, damaged = find_checkpoint(run_dir), damaged_newest(run_dir)
+    if damaged and not from_last_good and (found is None or _step_of(found) < _step_of(damaged[0])):
+        last = f"the newest loadable one is {found}" if found else "no loadable checkpoint is left"
+        raise DamagedCheckpoint(f"the newest checkpoint {damaged[0]} is damaged ({damaged[1]}); {last}. Pass "
+                                f"--resume-from-last-good to continue from {'it' if found else 'scratch'} "
+                                f"(the damaged one is kept, renamed when that step is written again)")
+    return found
 
 
 def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
@@ -79,7 +124,10 @@ def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], Non
     fsync(tmp)  # the directory's entries too: after a crash the renamed directory must hold all its files
     final = ck_root / name
     if final.exists():  # left by an earlier attempt at this step (a run resumed from before it)
-        os.replace(final, tempfile.mkdtemp(prefix=f".trash-{name}-", dir=ck_root))
+        if is_complete(final) and checkpoint_problem(final) is not None:  # damaged: kept for the user to inspect
+            os.replace(final, ck_root / f"{name}.damaged-{os.getpid()}-{len(list(ck_root.iterdir()))}")
+        else:
+            os.replace(final, tempfile.mkdtemp(prefix=f".trash-{name}-", dir=ck_root))
     os.replace(tmp, final)
     fsync(ck_root)  # the rename itself
     # the pointer is written last: until it changes, loading uses the previous checkpoint

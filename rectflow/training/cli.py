@@ -6,6 +6,7 @@ The command line over rectflow.training.Trainer: Defaults < --config FILE < one 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from rectflow.config import (FIELDS, RESUME_CHANGEABLE, TrainConfig, apply_dict,
                              load_config)
 from rectflow.runs import CONFIG, find_checkpoint
 from rectflow.training import distributed
+from rectflow.training.checkpoint import load_state
 from rectflow.training.loop import Trainer, TrainingAborted
 
 
@@ -36,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "data_options.NAME=VALUE sets one data option")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
                         "(exactly: the same losses as an uninterrupted run)")
+    parser.add_argument("--resume-from-last-good", action="store_true", help="with --resume (implied): when the "
+                        "newest checkpoint is damaged, continue from the newest one that loads (nothing is deleted)")
+    parser.add_argument("--allow-config-change", action="store_true", help="with --resume: accept a config.yaml "
+                        "edited by hand since the run's last checkpoint, and changes of fields that break exact "
+                        "continuation (the run then differs from an uninterrupted one)")
     group = parser.add_argument_group("config fields (defaults shown; see docs/training.md)")
     defaults = TrainConfig()
     for name, f in FIELDS.items():
@@ -69,9 +76,25 @@ def config_from_args(args) -> TrainConfig:
         base = start = load_config(args.config) if args.config else TrainConfig()
     flags = {name[4:]: value for name, value in vars(args).items() if name.startswith("cfg_")}
     cfg = apply_overrides(apply_dict(start, flags, source="command line"), args.overrides).validate()
-    if args.resume:
+    if args.resume and not args.allow_config_change:
+        recorded = recorded_config(Path(args.out))
+        edited = {} if recorded is None else {k: v for k, v in recorded.to_dict().items()
+                                               if base.to_dict()[k] != v and k not in RESUME_CHANGEABLE}
+        if edited:
+            differ = "; ".join(f"{k}: {v!r} in the checkpoint, {base.to_dict()[k]!r} in {saved}"
+                               for k, v in edited.items())
+            raise ValueError(f"--resume: {saved} was edited since the run's last checkpoint ({differ}); restore it, "
+                             f"or pass --allow-config-change to continue with the edited values")
         check_resume_changes(base, cfg, source=f"--resume of {saved}")
     return cfg
+
+
+def recorded_config(run_dir: Path) -> TrainConfig | None:
+    """The config the run's latest loadable checkpoint was written with (None: no checkpoint yet)."""
+    ck = find_checkpoint(run_dir)
+    if ck is None:
+        return None
+    return TrainConfig.from_dict(json.loads(load_state(ck)["config"]), source=f"{ck}/state.pt")
 
 
 def check_resume_changes(old: TrainConfig, new: TrainConfig, source: str = "--resume") -> None:
@@ -94,6 +117,7 @@ def run(args) -> int:
     """Entry point of `rectflow train`."""
     if args.out is None:
         args.out = time.strftime("runs/%Y%m%d-%H%M%S")
+    args.resume = args.resume or args.resume_from_last_good
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as err:
@@ -105,7 +129,7 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(cfg, out, resume=args.resume)
+        trainer = Trainer(cfg, out, resume=args.resume, from_last_good=args.resume_from_last_good)
     except (ValueError, OSError) as err:  # the config names something that cannot be built or found
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -34,7 +34,7 @@ from rectflow.devices import resolve_device
 from rectflow.files import write_text_atomic
 from rectflow.flow import Formulation
 from rectflow.images import save_images
-from rectflow.runs import CONFIG, METRICS, WEIGHT_FILES, checkpoint_root, clean_temp, find_checkpoint
+from rectflow.runs import CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkpoint_root, clean_temp, find_checkpoint
 from rectflow.sample import Pipeline, generate
 from rectflow.training import distributed
 from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
@@ -53,7 +53,9 @@ class TrainingAborted(RuntimeError):
 class Trainer:
     """One training run in a run directory; `fit()` trains from the latest checkpoint (or scratch) to max_steps."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, from_last_good: bool = False):
+        """resume: continue from the run's latest checkpoint; from_last_good: even when the newest one is damaged
+        (else that is an error, rectflow.runs.check_resumable)."""
         self.cfg, self.run_dir = cfg.validate(), Path(run_dir)
         self.ctx = distributed.init(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device, self.ctx.local_rank if self.ctx.enabled else None)
@@ -98,9 +100,9 @@ class Trainer:
         self.opt = make_optimizer(self.model, cfg)
         self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
         self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
-        if resume:
-            self._resume()
         self._writer = None
+        if resume:
+            self._resume(from_last_good)
 
     # ---- persistence
 
@@ -111,9 +113,9 @@ class Trainer:
                 "data_position": self.step * self.cfg.batch_size, "world_size": self.ctx.world_size,
                 "rng": rng_states(), "config": json.dumps(self.cfg.to_dict())}
 
-    def _resume(self) -> None:
-        """Load the latest checkpoint of the run directory, if any."""
-        ck = find_checkpoint(self.run_dir)
+    def _resume(self, from_last_good: bool) -> None:
+        """Load the latest loadable checkpoint of the run directory, if any."""
+        ck = check_resumable(self.run_dir, from_last_good)
         if ck is None:
             return
         state = load_state(ck)
@@ -127,8 +129,14 @@ class Trainer:
             print(f"rectflow train: resuming from {ck} (step {self.step})", file=sys.stderr)
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (rank 0)."""
+        """Checkpoint the current step (rank 0), unless a weight is not finite: a checkpoint is always good."""
         if not self.ctx.is_main:
+            return None
+        bad = next((f"{name}.{k}" for name, m in (("model", self.model), ("ema", self.ema))
+                    for k, p in m.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            print(f"rectflow train: step {self.step}: not writing a checkpoint, {bad} holds non-finite values; the "
+                  f"last good checkpoint is {find_checkpoint(self.run_dir) or 'none'}", file=sys.stderr)
             return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.ema, self._state(), self.cfg)
 
@@ -281,9 +289,9 @@ class Trainer:
         bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", img_s=f"{img_s:.1f}", skipped=self.skipped)
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, from_last_good: bool = False) -> Path:
     """Train (or continue with resume=True) the run in `out`; returns the run directory."""
-    trainer = Trainer(cfg, out, resume=resume)
+    trainer = Trainer(cfg, out, resume=resume, from_last_good=from_last_good)
     try:
         return trainer.fit()
     finally:
