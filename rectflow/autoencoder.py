@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rectflow.files import check_safetensors
+
 log = logging.getLogger(__name__)
 
 
@@ -175,6 +177,7 @@ class SmallAE(Autoencoder):
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"SmallAE weights not found: {path}")
+        check_safetensors(path)
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
         if metadata.get("rectflow") != "SmallAE" or "config" not in metadata:
@@ -285,6 +288,7 @@ def load_latents(path: str | Path) -> dict:
     """Read a latent file written by encode_dataset: latents, captions, metas, autoencoder spec."""
     from safetensors import safe_open
 
+    check_safetensors(path)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
         if "latents" not in f.keys() or "captions" not in metadata:

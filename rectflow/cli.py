@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -21,8 +22,15 @@ COMMANDS = {
 }
 
 
+DEBUG_ENV = "RECTFLOW_DEBUG"  # set (to anything but 0) for tracebacks, as --debug does
+# what a user's mistake raises (a bad file, value or path): reported in one line, exit status 2
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rectflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=f"print Python tracebacks of errors (or set "
+                        f"{DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -44,7 +52,35 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"rectflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the error boundary: one line for the user, the traceback only when asked
+        if debug:
+            raise
+        return report(args.command, err)
+
+
+def report(command: str, err: Exception) -> int:
+    """Print an error as one line naming the command; 2 for bad input, 1 for anything else (a bug or a failure of
+    the machine), which also says how to see the traceback."""
+    import yaml
+    if isinstance(err, USER_ERRORS + (yaml.YAMLError,)):
+        print(f"rectflow {command}: {_one_line(err)}", file=sys.stderr)
+        return 2
+    print(f"rectflow {command}: {type(err).__name__}: {_one_line(err)} (rerun with --debug, or {DEBUG_ENV}=1, for "
+          f"the traceback)", file=sys.stderr)
+    return 1
+
+
+def _one_line(err: Exception) -> str:
+    """An exception's message on one line (OSError: with its file name)."""
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err):
+        return f"{err.strerror or err}: {err.filename}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

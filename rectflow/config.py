@@ -7,6 +7,7 @@ then `--set key=value` overrides in order. Unknown keys and badly typed values a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +120,10 @@ class TrainConfig:
                      "weight_decay", "shift"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config key {f.name!r}: expected a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"config key 'lr': expected a value > 0, got {self.lr!r}")
         if not self.shift > 0:
@@ -274,9 +279,13 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfi
     """Read a YAML config file over `base` (default: the defaults)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as fh:
-        d = yaml.safe_load(fh) or {}
+        raise FileNotFoundError(f"config file {path} " + ("is a directory" if path.is_dir() else "does not exist"))
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
     return apply_dict(base or TrainConfig(), d, source=str(path))
 
 

@@ -17,6 +17,13 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int | None = N
             device = torch.device(spec)
         except RuntimeError:
             raise ValueError(f"device {spec!r}: expected {CHOICES}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(spec)!r}: this torch build or machine has no CUDA device (torch "
+                         f"{torch.__version__}); use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(spec)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device {str(spec)!r}: expected {CHOICES}")
     if device.type == "cuda" and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from rectflow.autoencoder import load_autoencoder
 from rectflow.checkpoints import load_model as load_weights
 from rectflow.devices import resolve_device
+from rectflow.files import check_safetensors
 from rectflow.flow import Formulation
 from rectflow.images import make_grid, save_images, to_pil  # noqa: F401  (re-exported: rectflow.sample.save_images)
 from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights  # noqa: F401
@@ -65,6 +67,7 @@ class Pipeline:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The safetensors header metadata (empty for files without it)."""
+    check_safetensors(path)
     with safe_open(str(path), framework="pt") as fh:
         return fh.metadata() or {}
 
@@ -72,7 +75,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """(network, training config dict or {}) from a rectflow weights file (an MM-DiT, or a baseline of the
     architecture study: its config's "arch" key picks the class) or a released SD3 single file."""
-    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    meta = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
     model = load_weights(path)
     if torch.device(device).type == "cpu":
         model = model.float()  # files may store bf16/fp16 (the shipped model, released files); fp16 is unusable on CPU
@@ -92,7 +95,7 @@ def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights
         None, str(step_dir), weights or "ema")
     model, cfg = load_model(path, device)
     released = not cfg  # no rectflow training config in the file: a released model
-    kind = (read_metadata(path).get("rectflow.weights") if path.suffix == ".safetensors" else None) or (
+    kind = (read_metadata(path).get("rectflow.weights") if path.suffix.lower() == ".safetensors" else None) or (
         None if released else weights)
     if run is not None and (Path(run) / CONFIG).is_file():
         cfg = {**cfg, **(yaml.safe_load((Path(run) / CONFIG).read_text()) or {})}
@@ -223,14 +226,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
 
 
+def check_sampler_args(args) -> None:
+    """Reject values the sampler cannot use, naming the flag and the allowed range."""
+    checks = [("--steps", args.steps, args.steps >= 1, "an integer >= 1"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
+              ("--cfg-scale", args.cfg_scale, math.isfinite(args.cfg_scale) and args.cfg_scale >= 0,
+               "a finite number >= 0 (1 = no guidance)"),
+              ("--shift", args.shift, args.shift is None or (math.isfinite(args.shift) and args.shift > 0),
+               "a finite number > 0"),
+              ("--resolution", args.resolution, args.resolution is None or args.resolution >= 1,
+               "a positive number of pixels")]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{flag}: expected {expected}, got {value!r}")
+
+
 def read_prompts(args) -> list[str]:
     """--prompt values then --prompts-file lines (blank lines skipped)."""
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            raise FileNotFoundError(f"--prompts-file {path} " + ("is a directory" if path.is_dir() else
+                                                                 "does not exist"))
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--prompts-file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
@@ -242,6 +265,9 @@ def run(args) -> int:
         print("rectflow sample: give exactly one of --run DIR or --checkpoint FILE", file=sys.stderr)
         return 2
     try:
+        check_sampler_args(args)
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a directory; give the grid's file name, e.g. {args.out}/grid.png")
         prompts = read_prompts(args)
         device = resolve_device(args.device)
         pipe = load_pipeline(args.run, args.checkpoint, args.weights, device, args.formulation, args.text_encoder,

@@ -132,22 +132,41 @@ def mirror_caption(caption: str) -> str:
     return re.sub(r"\b(left|right|Left|Right|LEFT|RIGHT)\b", lambda m: swap[m.group(1)], caption)
 
 
-def read_metadata(root: Path) -> tuple[dict[Path, str], int]:
-    """Captions from every metadata.jsonl under root: {image path: caption}, and the number of bad lines."""
-    captions, bad = {}, 0
+def read_metadata(root: Path) -> tuple[dict[Path, str], Counter]:
+    """Captions from every metadata.jsonl under root: {image path: caption}, and the bad lines counted by reason
+    (each logged with its file and line number). A byte-order mark is accepted."""
+    captions, bad = {}, Counter()
     for jsonl in sorted(root.rglob("metadata.jsonl")):
-        for n, line in enumerate(jsonl.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        text = jsonl.read_bytes().decode("utf-8-sig", errors="replace")
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                text = next(record[k] for k in CAPTION_KEYS if k in record)
-                captions[(jsonl.parent / record["file_name"]).resolve()] = str(text).strip()
-            except (json.JSONDecodeError, StopIteration, KeyError, TypeError):
-                bad += 1
-                log.warning("%s:%d: skipped: expected a JSON object with file_name and one of %s",
-                            jsonl, n, CAPTION_KEYS)
+            reason, entry = _metadata_line(line, jsonl.parent)
+            if reason is not None:
+                bad[f"metadata lines: {reason}"] += 1
+                log.warning("%s:%d: skipped: %s", jsonl, n, reason)
+                continue
+            captions[entry[0]] = entry[1]
     return captions, bad
+
+
+def _metadata_line(line: str, folder: Path) -> tuple[str | None, tuple[Path, str] | None]:
+    """(None, (image path, caption)) for a good metadata.jsonl line, else (reason, None)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return "not valid JSON", None
+    if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+        return "expected a JSON object with a file_name string", None
+    key = next((k for k in CAPTION_KEYS if k in record), None)
+    if key is None:
+        return f"no caption (expected one of {', '.join(CAPTION_KEYS)})", None
+    if not isinstance(record[key], str):
+        return f"caption {key!r} is {type(record[key]).__name__}, not a string", None
+    path = (folder / record["file_name"]).resolve()
+    if not path.is_file():
+        return "names a missing image file", None
+    return None, (path, record[key].strip())
 
 
 def sidecar_caption(path: Path) -> str | None:
@@ -213,8 +232,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 self.counts["no caption"] += 1
             self.paths.append(path)
             self.captions.append(caption or "")
-        if bad_lines:
-            self.counts["bad metadata lines"] = bad_lines
+        if bad_lines:  # the total, then each reason
+            self.counts["bad metadata lines"] = sum(bad_lines.values())
+            self.counts.update(bad_lines)
         details = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
         level = logging.WARNING if self.skipped else logging.INFO
         log.log(level, "%s (%s): %d usable images of %d files%s", folder, self.split, len(self.paths), len(files),

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from rectflow.files import check_safetensors
+
 PREFIX = "model.diffusion_model."
 OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -61,10 +63,11 @@ def read_released(path, allow_pickle: bool = False) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raw = _read_pickle(path, allow_pickle)
         names = _model_keys(raw, path)
         return {names[k]: v for k, v in raw.items() if k in names}, {}
+    check_safetensors(path)  # a damaged or mis-named file: an error naming it, not safetensors' own
     with safe_open(str(path), framework="pt") as f:
         names = _model_keys(f.keys(), path)
     tensors, metadata = _read_safetensors(path, want=names.__contains__)

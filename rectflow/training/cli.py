@@ -124,6 +124,9 @@ def run(args) -> int:
         print(f"rectflow train: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"rectflow train: --out {out} is a file; a run needs a directory", file=sys.stderr)
+        return 2
     if not args.resume and find_checkpoint(out) is not None:
         print(f"rectflow train: {out} already holds a run; pass --resume to continue it or choose another --out",
               file=sys.stderr)
