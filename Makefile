@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-fast demo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(BIN)/.installed
 
 test: venv
 	$(BIN)/python -m pytest
+
+# the fast tier: everything but the tests marked slow (subprocesses, DDP, long training runs)
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
 
 demo: venv
 	$(BIN)/python -m rectflow.cli demo

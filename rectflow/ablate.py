@@ -1,7 +1,7 @@
 """Run the paper's studies at small scale and write their reports: `rectflow ablate formulations --budget 0.1`.
 
-Studies (rectflow.studies): formulations (PAPER 3, Table 1), architectures (PAPER 4), channels (PAPER 4,
-autoencoder latent channels), shift (PAPER 5), steps (PAPER 6, Table 6). Each is a grid of runs with the same
+Studies (rectflow.studies): formulations (docs/paper.md §3, Table 1), architectures (docs/paper.md §4), channels (docs/paper.md §4,
+autoencoder latent channels), shift (docs/paper.md §5), steps (docs/paper.md §6, Table 6). Each is a grid of runs with the same
 model, data, budget and seed except for what the study varies, trained through rectflow.train and scored through
 rectflow.evaluate.
 
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from rectflow.config import write_text_atomic
+from rectflow.files import read_json, write_json, write_text_atomic
 from rectflow.studies import STUDIES
-from rectflow.studies.common import Run, StudyOptions, read_json, write_json
+from rectflow.studies.common import Run, StudyOptions, folder_name
+from rectflow.studies.evaluation import normalize_result
 
 POLL_SECONDS = 10.0  # how often a process waiting for another's run checks again
 
@@ -60,11 +60,6 @@ class RunLock:
 
 
 # ---------------------------------------------------------------- the grid
-
-
-def folder_name(name: str) -> str:
-    """A run name as a folder name: 'rf/lognorm(0.00, 1.00)' -> 'rf_lognorm(0.00,1.00)'."""
-    return re.sub(r"[^A-Za-z0-9._,()=+-]", "_", name.replace(" ", ""))
 
 
 def parse_worker(text: str) -> tuple[int, int]:
@@ -107,8 +102,8 @@ class Grid:
         return self.root / folder_name(run.name)
 
     def result(self, run: Run) -> dict | None:
-        """The finished run's result, or None."""
-        return read_json(self.dir(run) / "result.json")
+        """The finished run's result (scores in the shared metric keys, also for runs made before them), or None."""
+        return normalize_result(read_json(self.dir(run) / "result.json"))
 
     def _check_spec(self, run: Run) -> None:
         """A folder may only be resumed by the same run: compare spec.json (write it the first time)."""

@@ -324,9 +324,9 @@ def run(args) -> int:
             save_released(model, args.dst, prefix=args.prefix)
         else:
             save_diffusers(model, args.dst, pos_embed_max_size=args.pos_embed_max_size)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError and DamagedFile are ValueErrors
         print(f"rectflow convert: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({to} layout, {n / 1e6:.1f}M parameters, config {json.dumps(model.config)})")
     return 0

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from rectflow import ablate
+from rectflow.evaluate.protocol import metric_value, normalize_scores
+from rectflow.files import write_json
 from rectflow.studies import formulations, ranking
 from rectflow.studies.common import Run, StudyOptions, study_config
-from rectflow.studies.evaluation import Setting
+from rectflow.studies.evaluation import Setting, normalize_result
 from rectflow.studies.reconstruction import psnr, ssim
 
 # ---------------------------------------------------------------- non-dominated sorting and ranks
@@ -72,7 +74,7 @@ def test_spearman_against_the_paper():
 
 
 def _scores(clip, fid, geneval):
-    return {"clip": clip, "fid": fid, "geneval": geneval}
+    return {"clip_score": clip, "fid": fid, "geneval": {"overall": geneval}}
 
 
 def test_formulation_rank_table():
@@ -85,7 +87,7 @@ def test_formulation_rank_table():
             scores[s.key] = _scores(0.3, 10.0, 0.5) if name != "Z" and good else _scores(0.2, 20.0, 0.1) \
                 if name == "Z" else _scores(0.25, 15.0, 0.3)
         results[name] = {"scores": scores}
-    table = formulations.rank_table(results, ("clip", "fid"))
+    table = formulations.rank_table(results, ("clip_score", "fid"))
     assert table["5 steps"] == {"X": 1.0, "Y": 2.0, "Z": 3.0}
     assert table["50 steps"] == {"X": 2.0, "Y": 1.0, "Z": 3.0}
     n5 = sum(s.steps == 5 for s in formulations.SETTINGS)
@@ -115,6 +117,7 @@ def test_psnr_and_ssim():
 
 
 def test_ssim_matches_torchmetrics_on_the_valid_region():
+    pytest.importorskip("torchmetrics")
     from torchmetrics.functional.image import structural_similarity_index_measure
     g = torch.Generator().manual_seed(1)
     ref = torch.rand(2, 3, 24, 24, generator=g) * 2 - 1
@@ -199,6 +202,26 @@ def test_a_changed_run_is_not_resumed_in_the_same_folder(tmp_path):
         other.attempt(other.runs[0])
 
 
+def test_old_study_scores_are_read_with_the_shared_keys(tmp_path):
+    """eval/<key>.json and result.json of runs made before the metric keys were shared (clip, a float geneval,
+    geneval_categories) read as the new layout (clip_score, a geneval dict with overall)."""
+    old = {"clip": 28.0, "fid": 88.1, "geneval": 0.25, "geneval_categories": {"colors": 0.5, "position": 0.0},
+           "n": 96, "encoder": "rectflow-scorer@x", "seconds": 4.4}
+    new = {"clip_score": 28.0, "fid": 88.1, "geneval": {"colors": 0.5, "position": 0.0, "overall": 0.25}, "n": 96,
+           "encoder": "rectflow-scorer@x", "seconds": 4.4}
+    assert normalize_scores(old) == new
+    assert normalize_scores(new) == new  # the new layout passes unchanged
+    assert normalize_scores({"clip": 1.0, "fid": 2.0}) == {"clip_score": 1.0, "fid": 2.0}  # no GenEval off shapes
+    assert metric_value(new, "geneval") == 0.25 and metric_value(new, "clip_score") == 28.0
+    assert metric_value({"fid": 1.0}, "geneval") is None
+    # a finished run of the old layout is read by the grid in the new one (reports and --report-only see new keys)
+    grid = ablate.Grid(fake_study([]), StudyOptions("fake", runs_dir=tmp_path), [Run("a", {"x": 1})])
+    key = Setting("ema", 25, 5.0).key
+    write_json(grid.dir(grid.runs[0]) / "result.json", {"final_loss": 0.5, "scores": {key: old}})
+    assert grid.result(grid.runs[0]) == {"final_loss": 0.5, "scores": {key: new}}
+    assert normalize_result({"psnr": 20.0}) == {"psnr": 20.0} and normalize_result(None) is None
+
+
 def test_result_changing_options_get_their_own_runs_folder(tmp_path):
     base = StudyOptions("shift", runs_dir=tmp_path)
     assert base.study_dir == tmp_path / "shift" / "budget-1"
@@ -252,6 +275,7 @@ def tiny_scorer(tmp_path):
     return f"scorer:{path}"
 
 
+@pytest.mark.slow  # trains and evaluates a two-run study, three times
 def test_formulation_study_resumes_and_never_redoes_a_finished_run(tmp_path, tiny_scorer):
     opts = StudyOptions("formulations", budget=0.005, variants=["rf", "rf/lognorm(0.00, 1.00)"], samples=6,
                         overrides=TINY, encoder=tiny_scorer, runs_dir=tmp_path / "runs", out=tmp_path / "out")
@@ -269,7 +293,7 @@ def test_formulation_study_resumes_and_never_redoes_a_finished_run(tmp_path, tin
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == stamp  # nothing was redone
 
     # an interrupted evaluation: the run resumes from its final checkpoint (no training) and redoes one setting
-    key = Setting(5, 5.0, "raw").key
+    key = Setting("raw", 5, 5.0).key
     before = json.loads((run_dir / "eval" / f"{key}.json").read_text())
     (run_dir / "result.json").unlink()
     (run_dir / "eval" / f"{key}.json").unlink()
@@ -277,9 +301,11 @@ def test_formulation_study_resumes_and_never_redoes_a_finished_run(tmp_path, tin
     assert third["trained"] == ["rf"]
     assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == stamp[run_dir / "metrics.jsonl"]
     after = json.loads((run_dir / "eval" / f"{key}.json").read_text())
-    assert {k: after[k] for k in ("clip", "fid", "geneval")} == {k: before[k] for k in ("clip", "fid", "geneval")}
+    keys = ("clip_score", "fid", "geneval")
+    assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
 
 
+@pytest.mark.slow  # trains and evaluates a study run
 def test_architecture_study_sets_arch_in_the_config(tmp_path, tiny_scorer):
     from rectflow.models.baselines import DiT
     from rectflow.studies import architectures

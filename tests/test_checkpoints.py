@@ -9,13 +9,16 @@ from safetensors.torch import load_file, save_file
 from rectflow import checkpoints as ck
 from rectflow.models import MMDiT
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
-
 TINY = dict(hidden_size=64, num_heads=2, patch_size=2, in_channels=4, context_dim=32, pooled_dim=24, input_size=24,
             pos_embed_max_size=12)
 SD3 = dict(depth=2, qk_norm=None)
 SD35M = dict(depth=3, qk_norm="rms", dual_attention_layers=(0, 1))
+
+
+@pytest.fixture
+def diffusers():
+    """diffusers, for the parity tests only: the rest of this file runs without it."""
+    return pytest.importorskip("diffusers")
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -54,7 +57,8 @@ def assert_parity(model: MMDiT, ref, shapes=((16, 16), (12, 20))):
 
 
 @pytest.mark.parametrize("cfg", [SD3, SD35M], ids=["sd3", "sd35m"])
-def test_released_file_through_diffusers_own_converter(tmp_path, cfg):
+def test_released_file_through_diffusers_own_converter(tmp_path, cfg, diffusers):
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     model = tiny(**cfg)
     ck.save_released(model, tmp_path / "sd3.safetensors", prefix=True)
     converted = convert_sd3_transformer_checkpoint_to_diffusers(load_file(tmp_path / "sd3.safetensors"))
@@ -64,7 +68,7 @@ def test_released_file_through_diffusers_own_converter(tmp_path, cfg):
     assert_parity(model, ref.eval())
 
 
-def test_diffusers_folder_both_ways(tmp_path):
+def test_diffusers_folder_both_ways(tmp_path, diffusers):
     model = tiny(**SD35M)
     ck.save_diffusers(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", ck.DIFFUSERS_WEIGHTS]
@@ -75,7 +79,7 @@ def test_diffusers_folder_both_ways(tmp_path):
     assert_same_weights(model, back)
 
 
-def test_folder_written_by_diffusers_loads(tmp_path):
+def test_folder_written_by_diffusers_loads(tmp_path, diffusers):
     # diffusers' own folder (no rectflow config inside): the config is read off its config.json and the weights
     ref = diffusers.SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
@@ -141,7 +145,7 @@ def test_rectflow_file_keeps_the_config(tmp_path):
     assert back16.joint_blocks[0].x_block.attn.qkv.weight.dtype == torch.bfloat16
 
 
-def test_on_the_fly_positions_through_diffusers(tmp_path):
+def test_on_the_fly_positions_through_diffusers(tmp_path, diffusers):
     model = tiny(depth=2, pos_embed_max_size=None)
     with pytest.raises(ck.CheckpointError, match="pass pos_embed_max_size"):
         ck.save_diffusers(model, tmp_path / "d")
@@ -233,7 +237,7 @@ def test_convert_command(tmp_path, capsys):
     back = load_file(tmp_path / "back.safetensors")
     assert back["model.diffusion_model.final_layer.linear.weight"].dtype == torch.bfloat16
     torch.save(model.state_dict(), tmp_path / "m.pt")
-    assert _cli([str(tmp_path / "m.pt"), str(tmp_path / "x.safetensors")]) == 1
+    assert _cli([str(tmp_path / "m.pt"), str(tmp_path / "x.safetensors")]) == 2  # bad input: exit status 2
     assert "--allow-pickle" in capsys.readouterr().err
     assert _cli([str(tmp_path / "m.pt"), str(tmp_path / "x.safetensors"), "--allow-pickle"]) == 0
 
@@ -258,7 +262,7 @@ def test_baseline_errors_name_the_arch(tmp_path, capsys):
     model = baselines.from_config({"arch": "dit", "depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2,
                                    "in_channels": 4, "context_dim": 32, "pooled_dim": 24, "input_size": 8})
     ck.save_model(model, tmp_path / "d.safetensors")
-    assert _cli([str(tmp_path / "d.safetensors"), str(tmp_path / "diff")]) == 1
+    assert _cli([str(tmp_path / "d.safetensors"), str(tmp_path / "diff")]) == 2
     assert "dit model" in capsys.readouterr().err and not (tmp_path / "diff").exists()
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.0.mlp")}
     save_file(sd, tmp_path / "cut.safetensors", metadata={"format": ck.FORMAT_TAG, "config": json.dumps(model.config)})

@@ -2,7 +2,6 @@
 import json
 import logging
 import random
-import time
 
 import numpy as np
 import pytest
@@ -102,11 +101,9 @@ def test_renders_are_exact_and_readable_at_32():
         assert got == want, (S.caption_for(meta), got, want)
 
 
-def test_render_is_fast_and_deterministic():
+def test_render_is_deterministic():
     metas = _metas("counting", 200)
-    start = time.perf_counter()
     images = [S.render_scene(m, 32) for m in metas]
-    assert (time.perf_counter() - start) / len(metas) < 1e-3
     assert all(a.tobytes() == S.render_scene(m, 32).tobytes() for a, m in zip(images[:20], metas))
     assert S.render_scene(metas[0], 64).size == (64, 64)
 

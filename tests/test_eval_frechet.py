@@ -20,6 +20,7 @@ class PassThrough(nn.Module):
 
 
 def torchmetrics_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    pytest.importorskip("torchmetrics")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=PassThrough(real.shape[1]))

@@ -8,7 +8,8 @@ import torch
 from rectflow.cli import main
 from rectflow.config import TrainConfig
 from rectflow.data.shapes import CATEGORIES
-from rectflow.evaluate.run import eval_set, parse_settings, reference_fit
+from rectflow.evaluate.protocol import Setting, eval_set, reference_fit
+from rectflow.evaluate.run import parse_settings
 from rectflow.train import build_model, save_checkpoint
 
 
@@ -122,6 +123,10 @@ def test_eval_prompts_and_settings():
         (50, 1.0), (50, 2.5), (50, 5.0), (5, 5.0), (10, 5.0), (25, 5.0)]
     with pytest.raises(ValueError, match="STEPSxCFG"):
         parse_settings("50,5")
+    # one Setting for `rectflow eval` (labels in reports) and the studies (keys of files on disk)
+    assert (Setting("ema", 50, 5.0).label, Setting("ema", 50, 5.0).key) == ("ema/euler-50/cfg-5",
+                                                                           "ema-euler50-cfg5-shifttrain")
+    assert Setting("raw", 25, 2.5, shift=1.5).key == "raw-euler25-cfg2.5-shift1.5"
 
 
 def test_eval_command_errors(tiny_run, tmp_path, capsys):

@@ -10,8 +10,6 @@ from rectflow.models import MMDiT
 from rectflow.models import mmdit as mmdit_module
 from rectflow.models.layers import sincos_2d
 
-diffusers = pytest.importorskip("diffusers")
-
 TINY = dict(hidden_size=64, num_heads=2, patch_size=2, in_channels=4, context_dim=32, pooled_dim=24, input_size=16,
             pos_embed_max_size=12)
 CONFIGS = {
@@ -48,6 +46,7 @@ def tiny(name: str, **kw) -> MMDiT:
 
 def diffusers_twin(model: MMDiT):
     """diffusers' SD3Transformer2DModel holding the same weights (strict load through the diffusers layout)."""
+    diffusers = pytest.importorskip("diffusers")  # only the parity tests need it
     cfg = {k: v for k, v in diffusers_config(model.config).items() if not k.startswith("_")}
     ref = diffusers.SD3Transformer2DModel(**cfg)
     ref.load_state_dict(to_diffusers_state_dict(model.state_dict()), strict=True)
@@ -187,6 +186,7 @@ def test_position_grid_is_extended_and_interpolated():
 
 
 def test_sincos_channel_order_matches_the_reference_tables():
+    pytest.importorskip("diffusers")
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
     ours = sincos_2d(torch.arange(6.0), torch.arange(6.0), 32).float()

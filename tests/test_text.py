@@ -97,6 +97,7 @@ def test_sd3_assembly_matches_reference_and_diffusers(tiny):
     assert context[:, :77, 80:].abs().max() == 0 and context[:, 77:].abs().min() < context[:, 77:].abs().max()
     assert not torch.equal(context[0], context[1])
 
+    pytest.importorskip("diffusers")  # the rest compares with diffusers' own prompt encoding
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None,

@@ -313,6 +313,7 @@ def test_data_order_is_a_pure_function_of_seed_and_step():
 # ---------------------------------------------------------------- training behaviour
 
 
+@pytest.mark.slow  # a 30-step run at batch 16, to see the loss fall
 def test_loss_falls_on_shapes(tmp_path):
     cfg = tiny(max_steps=30, batch_size=16, lr=2e-3, warmup_steps=3, text_drop=0.1)
     train(cfg, tmp_path / "r")
@@ -459,6 +460,7 @@ def _train_cmd(run: Path, steps: int, resume: bool = False) -> list[str]:
     return cmd + ["--resume"] if resume else cmd
 
 
+@pytest.mark.slow  # three CLI subprocesses, one killed
 def test_sigkill_resume_is_bit_exact(tmp_path):
     """A run killed with SIGKILL after a checkpoint and resumed logs exactly the losses of an uninterrupted run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -525,6 +527,7 @@ def _run_losses(tmp_path, name: str, **changes) -> list:
     return losses(tmp_path / name)
 
 
+@pytest.mark.slow  # about twenty short training runs
 def test_every_option_acts(tmp_path):
     """Each training option changes the run as it should (and grad checkpointing / accumulation do not)."""
     base = _run_losses(tmp_path, "base", bf16=False)

@@ -1,9 +1,9 @@
-"""CLIP score (PAPER 3: "CLIP score with CLIP L/14"): how well generated images match their prompts.
+"""CLIP score (docs/paper.md §3: "CLIP score with CLIP L/14"): how well generated images match their prompts.
 
     CLIP score(image, caption) = 100 * max(cos(E_img(image), E_txt(caption)), 0)
 
 the usual definition (Hessel et al. 2021 with w = 100, as torchmetrics' CLIPScore computes it), averaged over the
-images. PAPER 3 / Table 2 print it as a fraction (.250), i.e. divided by 100; rectflow reports the 0-100 scale.
+images. docs/paper.md §3 / Table 2 print it as a fraction (.250), i.e. divided by 100; rectflow reports the 0-100 scale.
 The number depends on the encoder: every report names it.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rectflow.evaluate.features import ImageTextEncoder
+from rectflow.evaluate.encoder import ImageTextEncoder
 
 
 def clip_scores(encoder: ImageTextEncoder, images: torch.Tensor, captions: list[str]) -> torch.Tensor:

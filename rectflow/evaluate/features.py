@@ -1,4 +1,4 @@
-"""Pluggable image-text encoders for CLIP score and FID (PAPER 3 uses CLIP L/14 for both).
+"""Pluggable image-text encoders for CLIP score and FID (docs/paper.md §3 uses CLIP L/14 for both).
 
 An encoder maps images ([-1, 1], NCHW, any size) and captions into one embedding space:
 
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from rectflow.evaluate.encoder import ImageTextEncoder
+from rectflow.evaluate.scorer import Scorer
 
 # OpenAI CLIP's image normalisation, used when a folder has no preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,40 +36,6 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
         top, left = (new_h - size) // 2, (new_w - size) // 2
         images = images[..., top:top + size, left:left + size]
     return images
-
-
-class ImageTextEncoder(nn.Module):
-    """Base class: batched, gradient-free feature extraction; subclasses define the two towers."""
-
-    name: str = "unnamed"
-    batch_size: int = 64
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Image features [B, D] for images in [-1, 1] (subclass hook, one batch)."""
-        raise NotImplementedError
-
-    def encode_texts(self, captions: list[str]) -> torch.Tensor:
-        """Text features [B, D] (subclass hook, one batch)."""
-        raise NotImplementedError
-
-    @property
-    def device(self) -> torch.device:
-        """Where the encoder's weights live."""
-        return next(self.parameters()).device
-
-    @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Image features [B, D] in float32 on the CPU, computed in batches."""
-        chunks = [self.encode_images(images[i:i + self.batch_size].to(self.device, torch.float32)).float().cpu()
-                  for i in range(0, len(images), self.batch_size)]
-        return torch.cat(chunks)
-
-    @torch.no_grad()
-    def text_features(self, captions: list[str]) -> torch.Tensor:
-        """Text features [B, D] in float32 on the CPU, computed in batches."""
-        chunks = [self.encode_texts(list(captions[i:i + self.batch_size])).float().cpu()
-                  for i in range(0, len(captions), self.batch_size)]
-        return torch.cat(chunks)
 
 
 class CLIPEncoder(ImageTextEncoder):
@@ -128,6 +96,5 @@ def load_encoder(spec: str = "scorer", device: str | torch.device = "cpu") -> Im
             raise ValueError('encoder spec "clip:DIR" needs the folder of a transformers CLIPModel')
         return CLIPEncoder(arg, device=device)
     if kind == "scorer":
-        from rectflow.evaluate.scorer import Scorer
         return Scorer.load(arg or None, device=device)
     raise ValueError(f'unknown encoder spec {spec!r}: expected "scorer", "scorer:FILE.safetensors" or "clip:DIR"')

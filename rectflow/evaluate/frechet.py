@@ -1,4 +1,4 @@
-"""Frechet distance between Gaussian fits of image features (FID, PAPER 3: "FID on CLIP L/14 image features").
+"""Frechet distance between Gaussian fits of image features (FID, docs/paper.md §3: "FID on CLIP L/14 image features").
 
     FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2))
 

@@ -1,6 +1,6 @@
 """Evaluate a training run: `rectflow eval --run runs/first --samples 120 --out runs/first/eval/eval.json`.
 
-PAPER 3's protocol at the scale of one machine, for the EMA and the raw weights of the run's latest checkpoint:
+docs/paper.md §3's protocol at the scale of one machine, for the EMA and the raw weights of the run's latest checkpoint:
 
 - validation loss at 8 equally spaced t (rectflow.evaluate.val_loss), on the data set's validation split;
 - for each sampler setting (Euler; 50 steps at CFG 1.0, 2.5 and 5.0; 5, 10 and 25 steps at CFG 5.0 by default),
@@ -9,41 +9,40 @@ PAPER 3's protocol at the scale of one machine, for the EMA and the raw weights 
 - on shapes, GenEval-style scores per category from the exact detector (rectflow.evaluate.geneval).
 
 Prompts: on shapes, the fixed GenEval prompt set (shapes.eval_prompts, categories interleaved so any N is balanced);
-elsewhere the captions of the validation split in order. Writes the JSON report, a markdown table (.md) and a plot
-(.png) side by side.
+elsewhere the captions of the validation split in order. Settings, prompts, FID reference, sampling and scoring are
+rectflow.evaluate.protocol's, which the studies (`rectflow ablate`) use too. Writes the JSON report, a markdown table
+(.md) and a plot (.png) side by side.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
+from tqdm import tqdm
 
-from rectflow.evaluate.frechet import GaussianFit, frechet_distance
-from rectflow.evaluate.val_loss import T_LEVELS
+from rectflow.data import get_dataset
+from rectflow.data.shapes import CATEGORIES
+from rectflow.devices import resolve_device
+from rectflow.evaluate import val_loss
+from rectflow.evaluate.features import load_encoder
+from rectflow.evaluate.protocol import (  # noqa: F401  (Setting, fingerprint: also this module's API)
+    Setting,
+    eval_set,
+    fingerprint,
+    generate_images,
+    ground_truth_images,
+    reference_fit,
+    score_images,
+)
+from rectflow.files import atomic_path
+from rectflow.runs import latest_checkpoint, resolve_weights
+from rectflow.sample import load_model, load_pipeline
 
-PAPER_SETTINGS = "50x1.0,50x2.5,50x5.0,5x5.0,10x5.0,25x5.0"  # steps x CFG scale (PAPER 3)
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One sampler setting: Euler steps and classifier-free guidance scale, for one weight set."""
-
-    weights: str
-    steps: int
-    cfg: float
-
-    @property
-    def label(self) -> str:
-        return f"{self.weights}/euler-{self.steps}/cfg-{self.cfg:g}"
+PAPER_SETTINGS = "50x1.0,50x2.5,50x5.0,5x5.0,10x5.0,25x5.0"  # steps x CFG scale (docs/paper.md §3)
 
 
 def parse_settings(text: str) -> list[tuple[int, float]]:
@@ -63,104 +62,11 @@ def parse_settings(text: str) -> list[tuple[int, float]]:
     return out
 
 
-# ---------------------------------------------------------------- prompts and reference set
-
-
-def eval_set(data: str, resolution: int, n: int, seed: int, data_options: dict) -> tuple[list[str], list[dict] | None]:
-    """(prompts, shapes metas or None) for n samples per setting."""
-    from rectflow.data import get_dataset
-    if data == "shapes":
-        from rectflow.data.shapes import CATEGORIES, caption_for, eval_prompts
-        categories = tuple(data_options.get("categories") or CATEGORIES)
-        per = math.ceil(n / len(categories))
-        metas = eval_prompts(per, seed=seed, categories=categories)
-        # category-major -> interleaved, so the first n cover every category evenly
-        metas = [metas[c * per + i] for i in range(per) for c in range(len(categories))][:n]
-        return [caption_for(m) for m in metas], metas
-    val = get_dataset(data, resolution, split="val", seed=0, **data_options)
-    if len(val) == 0:
-        raise ValueError(f"data set {data!r} has an empty validation split: no prompts and no FID reference")
-    return [val[i % len(val)]["caption"] for i in range(n)], None
-
-
-def ground_truth_images(data: str, resolution: int, n: int, metas: list[dict] | None, data_options: dict):
-    """Real images for the prompts: renders of the shapes metas, else the validation items the captions came from."""
-    if metas is not None:
-        from rectflow.data.shapes import render_scene, to_tensor
-        return torch.stack([to_tensor(render_scene(m, resolution)) for m in metas])
-    from rectflow.data import get_dataset
-    val = get_dataset(data, resolution, split="val", seed=0, **data_options)
-    return torch.stack([val[i % len(val)]["image"] for i in range(n)])
-
-
-def score_images(images, prompt_features, encoder, reference: GaussianFit, metas) -> dict:
-    """FID against the reference, CLIP score against the prompts and (shapes) GenEval scores of one image set."""
-    from rectflow.evaluate.clip_score import scores_from_features
-    from rectflow.evaluate.geneval import geneval_scores
-    feats = encoder.image_features(images)
-    out = {"fid": frechet_distance(GaussianFit.of(feats), reference),
-           "clip_score": float(scores_from_features(feats, prompt_features).mean())}
-    if metas is not None:
-        out["geneval"] = geneval_scores(metas, images)
-    return out
-
-
-def fingerprint(encoder) -> str:
-    """A short digest of an encoder's name and weights (first bytes of every tensor), for cache keys."""
-    h = hashlib.sha256(encoder.name.encode())
-    for key, value in encoder.state_dict().items():
-        h.update(key.encode())
-        h.update(str(tuple(value.shape)).encode())
-        h.update(value.detach().flatten()[:1024].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def reference_fit(encoder, data: str, resolution: int, n: int, data_options: dict, cache_dir: Path | None) -> dict:
-    """Gaussian fit of the encoder's features of the first n real validation images, cached as safetensors (written
-    atomically, so processes sharing the cache never read half a file)."""
-    from safetensors.torch import load_file, save_file
-
-    from rectflow.data import get_dataset
-    val = get_dataset(data, resolution, split="val", seed=0, **data_options)
-    n = min(n, len(val))
-    key = hashlib.sha256(json.dumps([fingerprint(encoder), data, resolution, n, data_options],
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir / f"fid-reference-{key}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        return {"fit": GaussianFit.from_state_dict(load_file(str(path))), "n": n, "cache": str(path), "cached": True}
-    feats = torch.cat([encoder.image_features(torch.stack([val[i]["image"] for i in range(lo, min(n, lo + 64))]))
-                       for lo in range(0, n, 64)])
-    fit = GaussianFit.of(feats)
-    if path is not None:
-        # a temp file in the same folder renamed into place: a concurrent reader sees no file or the whole file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(fit.state_dict(), tmp, metadata={"encoder": encoder.name, "data": data, "n": str(n)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return {"fit": fit, "n": n, "cache": str(path) if path else None, "cached": False}
-
-
 # ---------------------------------------------------------------- the evaluation
-
-
-def latest_checkpoint(run: str) -> Path:
-    """The run's latest complete checkpoint directory; every weight set is read from this one directory, even if the
-    run writes a newer checkpoint meanwhile."""
-    from rectflow.train import find_checkpoint
-    ck = find_checkpoint(run)
-    if ck is None:
-        raise FileNotFoundError(f"run {run} has no complete checkpoint (checkpoints/latest or step_N missing)")
-    return ck
 
 
 def load_weights(ck_dir: Path, weights: str, pipe, device):
     """The pipeline with the `weights` ('ema' or 'raw') of checkpoint directory ck_dir."""
-    from rectflow.sample import load_model, resolve_weights
     path = resolve_weights(None, str(ck_dir), weights)
     model, _ = load_model(path, device)
     return dataclasses.replace(pipe, model=model, source=str(path), weights=weights)
@@ -170,17 +76,13 @@ def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]]
                  weights: tuple[str, ...] = ("ema", "raw"), encoder_spec: str = "scorer", val_samples: int = 256,
                  ref_samples: int = 1000, seed: int = 0, batch_size: int = 64, shift: float | None = None,
                  device: str = "cpu", bf16: bool = False, cache_dir: str | None = None, progress: bool = True) -> dict:
-    """The whole protocol for one run; returns the JSON-serialisable report."""
-    from tqdm import tqdm
+    """The whole protocol for one run; returns the JSON-serialisable report.
 
-    from rectflow.data import get_dataset
-    from rectflow.evaluate.features import load_encoder
-    from rectflow.evaluate.val_loss import validation_inputs, validation_loss
-    from rectflow.sample import generate, load_pipeline
-
+    Every weight set is read from the run's latest checkpoint at the start, even if the run writes a newer one
+    meanwhile."""
     start = time.perf_counter()
     settings = settings or parse_settings(PAPER_SETTINGS)
-    device = torch.device(device)
+    device = resolve_device(device)
     ck_dir = latest_checkpoint(run)
     pipe = load_pipeline(run, None, weights[0], device, step_dir=ck_dir)
     cfg = pipe.train_config
@@ -192,7 +94,7 @@ def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]]
     reference = reference_fit(encoder, data, pipe.resolution, ref_samples, options, cache)
     prompt_features = encoder.text_features(prompts)
     val = get_dataset(data, pipe.resolution, split="val", seed=0, **options)
-    val_inputs = validation_inputs(val, val_samples, pipe.text_encoder, pipe.autoencoder, device)
+    val_inputs = val_loss.validation_inputs(val, val_samples, pipe.text_encoder, pipe.autoencoder, device)
 
     jobs = [Setting(w, steps, scale) for w in weights for steps, scale in settings]
     batches = range(0, len(prompts), batch_size)
@@ -204,17 +106,13 @@ def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]]
         if i:  # load_pipeline loaded the first weight set
             pipe = load_weights(ck_dir, w, pipe, device)
         checkpoints[w] = pipe.source
-        report["val_loss"][w] = validation_loss(pipe.model, pipe.formulation, *val_inputs, seed=seed,
-                                                batch_size=batch_size, bf16=bf16)
+        report["val_loss"][w] = val_loss.validation_loss(pipe.model, pipe.formulation, *val_inputs, seed=seed,
+                                                         batch_size=batch_size, bf16=bf16)
         for job in (j for j in jobs if j.weights == w):
-            images = []
-            for lo in batches:  # image i starts from the noise of seed + i in every setting
-                images.append(generate(pipe, prompts[lo:lo + batch_size], steps=job.steps, solver="euler",
-                                       cfg_scale=job.cfg, shift=shift, seed=seed + lo, batch_size=batch_size,
-                                       bf16=bf16))
-                bar.update(1)
+            images = generate_images(pipe, prompts, job, shift=shift, seed=seed, batch_size=batch_size, bf16=bf16,
+                                     on_batch=lambda: bar.update(1))
             result = {"label": job.label, "weights": w, "steps": job.steps, "cfg": job.cfg,
-                      **score_images(torch.cat(images), prompt_features, encoder, reference["fit"], metas)}
+                      **score_images(images, prompt_features, encoder, reference["fit"], metas)}
             if metas is not None:
                 report["geneval"][job.label] = result["geneval"]
             report["fid"][job.label], report["clip_score"][job.label] = result["fid"], result["clip_score"]
@@ -228,7 +126,7 @@ def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]]
         "prompts": "shapes.eval_prompts (GenEval set)" if metas is not None else "val captions",
         "sampler": [{"solver": "euler", "steps": s, "cfg": c} for s, c in settings], "weights": list(weights),
         "shift": shift, "schedule": "linear", "seed": seed, "bf16": bf16, "device": str(device),
-        "val_loss": {"t": list(T_LEVELS), "samples": val_inputs[0].shape[0], "split": "val"},
+        "val_loss": {"t": list(val_loss.T_LEVELS), "samples": val_inputs[0].shape[0], "split": "val"},
         "fid_reference": {"data": data, "split": "val", "n": reference["n"], "cache": reference["cache"]},
         "checkpoints": checkpoints, "formulation": pipe.formulation.name, "data": data, "resolution": pipe.resolution,
         "clip_score_definition": "100 * max(cos, 0), mean over samples",
@@ -246,7 +144,6 @@ def _fmt(x, digits=3) -> str:
 
 def markdown(report: dict) -> str:
     """The report as markdown tables: val loss per level, then one row per sampler setting."""
-    from rectflow.data.shapes import CATEGORIES
     s = report["settings"]
     weights = ", ".join(f"{w} `{p}`" for w, p in s["checkpoints"].items())
     lines = [f"# rectflow eval: {report['run']}", "",
@@ -279,7 +176,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Validation loss per t, FID against CLIP score per setting, and GenEval overall per setting."""
-    import matplotlib
+    import matplotlib  # imported here: matplotlib costs 0.35 s, which `rectflow --help` would pay
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -317,22 +214,12 @@ def plot(report: dict, path: Path) -> None:
 def write_outputs(report: dict, out: Path) -> tuple[Path, Path, Path]:
     """JSON, markdown and plot side by side: all three rendered to temp files first, then renamed into place, the
     JSON last; a failure or kill on the way leaves every file whole (old or new), never part of one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     md, png = out.with_suffix(".md"), out.with_suffix(".png")
-    temps = {}
-    try:
-        for final in (md, png, out):
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix, dir=final.parent)
-            os.close(fd)
-            temps[final] = Path(tmp)
-        temps[md].write_text(markdown(report))
-        plot(report, temps[png])
-        temps[out].write_text(json.dumps(report, indent=2) + "\n")
-        for final, tmp in temps.items():
-            os.replace(tmp, final)
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+    # nested: on success the innermost is renamed first (md, png, then the JSON); on an error none is
+    with atomic_path(out) as tmp_json, atomic_path(png) as tmp_png, atomic_path(md) as tmp_md:
+        tmp_md.write_text(markdown(report))
+        plot(report, tmp_png)
+        tmp_json.write_text(json.dumps(report, indent=2) + "\n")
     return out, md, png
 
 
@@ -346,7 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: RUN/eval/eval.json)")
     parser.add_argument("--samples", type=int, default=120, help="samples per sampler setting (and weight set)")
     parser.add_argument("--settings", default=PAPER_SETTINGS, help="Euler sampler settings, comma-separated "
-                        "STEPSxCFG (default: PAPER 3's six)")
+                        "STEPSxCFG (default: docs/paper.md §3's six)")
     parser.add_argument("--weights", nargs="+", choices=("ema", "raw"), default=["ema", "raw"],
                         help="weight sets of the latest checkpoint to evaluate")
     parser.add_argument("--encoder", default="scorer", help="image-text encoder for CLIP score and FID: 'scorer' "
@@ -366,9 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Entry point of `rectflow eval`."""
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
     try:
+        device = resolve_device(args.device)
         if args.samples < 2:
             raise ValueError(f"--samples must be at least 2 (FID needs two samples), got {args.samples}")
         report = evaluate_run(args.run, args.samples, parse_settings(args.settings), tuple(args.weights),

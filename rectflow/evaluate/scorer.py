@@ -1,6 +1,6 @@
 """The small offline CLIP-style scorer: `rectflow train-scorer --out scorer.safetensors`.
 
-PAPER 3 scores samples with CLIP L/14 (CLIP score, and FID on its image features). Where no CLIP is at hand, rectflow
+docs/paper.md §3 scores samples with CLIP L/14 (CLIP score, and FID on its image features). Where no CLIP is at hand, rectflow
 uses this stand-in, trained on its own built-in data (shapes scenes and emoji glyphs) the way CLIP is trained:
 
 - image tower: a small convolutional net on 32x32 images ([-1, 1]; other sizes are resized with antialiasing), whose
@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rectflow.evaluate.features import ImageTextEncoder
+from rectflow.data import get_dataset
+from rectflow.data.shapes import caption_for, render_scene, to_tensor
+from rectflow.evaluate.encoder import ImageTextEncoder
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "scorer" / "scorer.safetensors"
 FORMAT = "rectflow-scorer/1"
@@ -166,8 +168,6 @@ def scorer_data(split: str, n_shapes: int, seed: int, resolution: int = 32) -> t
     Training shapes are drawn half at 32 px and half at 64 px then downsampled, so the scorer has seen both the
     aliased small renders and the softer edges of larger images it will be asked to score.
     """
-    from rectflow.data import get_dataset
-    from rectflow.data.shapes import caption_for, render_scene, to_tensor
     shapes = get_dataset("shapes", resolution, split=split, seed=seed)
     n_shapes = min(n_shapes, len(shapes))
     images, captions = [], []

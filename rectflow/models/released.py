@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -39,7 +40,11 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict:
     if not allow_pickle:
         raise CheckpointError(f"{path} is a pickle file ({path.suffix}); unpickling can run code. Convert it to "
                               f"safetensors, or pass allow_pickle=True (--allow-pickle) if you trust it")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # hostile, damaged or not a pickle
+        raise CheckpointError(f"{path} was refused by torch.load(weights_only=True), which runs no code: "
+                              f"{' '.join(str(err).split())[:300]}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning-style .ckpt
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -5,9 +5,9 @@ and evaluate one run, resumably) and `report(results, opts, fig_dir) -> str` (th
 """
 
 STUDIES = {
-    "formulations": "rectflow.studies.formulations",   # PAPER 3, Table 1
-    "architectures": "rectflow.studies.architectures",  # PAPER 4, architecture study
-    "channels": "rectflow.studies.channels",            # PAPER 4, autoencoder channels
-    "shift": "rectflow.studies.shift",                  # PAPER 5, resolution-dependent shift
-    "steps": "rectflow.studies.steps",                  # PAPER 6, Table 6
+    "formulations": "rectflow.studies.formulations",   # docs/paper.md §3, Table 1
+    "architectures": "rectflow.studies.architectures",  # docs/paper.md §4, architecture study
+    "channels": "rectflow.studies.channels",            # docs/paper.md §4, autoencoder channels
+    "shift": "rectflow.studies.shift",                  # docs/paper.md §5, resolution-dependent shift
+    "steps": "rectflow.studies.steps",                  # docs/paper.md §6, Table 6
 }

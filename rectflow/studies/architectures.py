@@ -1,4 +1,4 @@
-"""The architecture study (PAPER 4): MM-DiT against CrossDiT, UViT, vanilla DiT and MM-DiT with 3 weight sets.
+"""The architecture study (docs/paper.md §4): MM-DiT against CrossDiT, UViT, vanilla DiT and MM-DiT with 3 weight sets.
 
 Every architecture trains with the same recipe, formulation, data, steps and seed, at the MM-DiT's parameter count
 (rectflow.models.baselines.matched: same heads and depth where a width matches within 5%). The validation loss
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rectflow.evaluate.protocol import Setting, metric_value
 from rectflow.studies.common import (
     Run,
     StudyOptions,
@@ -24,16 +25,16 @@ from rectflow.studies.common import (
     train_spec,
     trained,
 )
-from rectflow.studies.evaluation import Setting, ValLossCurve, evaluation, final_loss
+from rectflow.studies.evaluation import ValLossCurve, evaluation, final_loss
 
-TITLE = "Architecture study (PAPER 4) at small scale"
+TITLE = "Architecture study (paper §4) at small scale"
 STEPS = 3000        # training steps per architecture at budget 1
 CURVE_POINTS = 8    # validation-loss measurements per run
 VAL_ITEMS = 256     # validation images of the loss at budget 1
 ARCHS = {"mmdit": "MM-DiT", "mmdit3": "MM-DiT, 3 weight sets", "crossdit": "CrossDiT", "uvit": "UViT",
          "dit": "DiT (concatenated tokens)"}
-PAPER_ORDER = ["mmdit", "crossdit", "uvit", "dit"]  # best first (PAPER 4); mmdit3 ~ mmdit
-SETTINGS = [Setting(25, 5.0, "ema")]
+PAPER_ORDER = ["mmdit", "crossdit", "uvit", "dit"]  # best first (docs/paper.md §4); mmdit3 ~ mmdit
+SETTINGS = [Setting("ema", 25, 5.0)]
 
 
 def context_splits(text_encoder: str) -> list[int] | None:
@@ -88,8 +89,8 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
         r, last = results[a], (results[a]["curve"] or [{}])[-1]
         sc = r["scores"][s]
         rows.append([ARCHS[a], f"{r['params'] / 1e6:.2f}M", r["model"]["depth"], r["model"]["hidden_size"],
-                     fmt(last.get("ema"), 4), fmt(last.get("raw"), 4), fmt(sc["clip"], 2), fmt(sc["fid"], 2),
-                     fmt(sc.get("geneval"), 3), fmt((r.get("train_seconds") or 0) / 60, 1)])
+                     fmt(last.get("ema"), 4), fmt(last.get("raw"), 4), fmt(sc["clip_score"], 2), fmt(sc["fid"], 2),
+                     fmt(metric_value(sc, "geneval"), 3), fmt((r.get("train_seconds") or 0) / 60, 1)])
     ours = [a for a in names if a in PAPER_ORDER]
     paper = [a for a in PAPER_ORDER if a in results]
     agree = "agrees with" if ours == paper else "differs from"
@@ -99,7 +100,7 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
     lines = [
         "## Results", "",
         "All runs: same recipe, formulation, data, steps and seed; parameter counts matched to the MM-DiT within 5% "
-        "(rectflow.models.baselines.matched). Validation loss: PAPER 3's protocol (8 levels of t, fixed noise), on "
+        "(rectflow.models.baselines.matched). Validation loss: paper §3's protocol (8 levels of t, fixed noise), on "
         f"{CURVE_POINTS} evenly spaced checkpoints per run. Samples: {SETTINGS[0].steps} Euler steps, "
         f"CFG {SETTINGS[0].cfg:g}, EMA weights.", "",
         table(["architecture", "params", "depth", "hidden", "val loss (EMA)", "val loss (raw)", "CLIP score", "FID",

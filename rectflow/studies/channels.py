@@ -1,4 +1,4 @@
-"""The autoencoder-channels study (PAPER 4): latent spaces of 4, 8 and 16 channels.
+"""The autoencoder-channels study (docs/paper.md §4): latent spaces of 4, 8 and 16 channels.
 
 A SmallAE (rectflow.autoencoder) with each channel count is trained on the study's data (train_small_ae, same
 steps, factor and seed); its reconstructions of the evaluation images are scored by PSNR, SSIM
@@ -8,15 +8,21 @@ reconstruction FID 2.41 / 1.56 / 1.06; more channels make the flow model's task 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
+from rectflow.autoencoder import SmallAE, train_small_ae
+from rectflow.data import get_dataset
+from rectflow.evaluate.protocol import Setting, metric_value
+from rectflow.files import atomic_path
 from rectflow.studies.common import (
     Run,
     StudyOptions,
     figure,
     fmt,
+    folder_name,
     parameter_count,
     read_json,
     samples_section,
@@ -26,10 +32,10 @@ from rectflow.studies.common import (
     train_spec,
     trained,
 )
-from rectflow.studies.evaluation import Setting, evaluation, final_loss
+from rectflow.studies.evaluation import evaluation, final_loss
 from rectflow.studies.reconstruction import psnr, ssim
 
-TITLE = "Autoencoder latent channels (PAPER 4) at small scale"
+TITLE = "Autoencoder latent channels (paper §4) at small scale"
 CHANNELS = (4, 8, 16)
 FACTOR = 4           # spatial downsampling of the small autoencoders (32 px -> 8 x 8 latents)
 AE_STEPS = 1500      # autoencoder training steps at budget 1
@@ -37,13 +43,12 @@ AE_BATCH = 32
 AE_WIDTH = 32        # base width of the small autoencoders (64 costs 3.5x the time)
 STEPS = 1500         # flow-model training steps at budget 1
 PATCH = 1            # 8 x 8 latents in 1 x 1 patches: 64 tokens, as the pixel-space studies' 32 px in 4 x 4
-SETTINGS = [Setting(25, 5.0, "ema")]
+SETTINGS = [Setting("ema", 25, 5.0)]
 PAPER = {4: (25.12, 2.41), 8: (26.40, 1.56), 16: (28.62, 1.06)}  # channels -> (PSNR, reconstruction FID)
 
 
 def ae_path(opts: StudyOptions, channels: int) -> Path:
     """Where the autoencoder with `channels` latent channels is written."""
-    from rectflow.ablate import folder_name
     return opts.study_dir / folder_name(f"ae-{channels}") / "autoencoder.safetensors"
 
 
@@ -73,10 +78,6 @@ def execute(run: Run, run_dir: Path, opts: StudyOptions) -> dict:
 def _autoencoder(run: Run, run_dir: Path, opts: StudyOptions) -> dict:
     """Train a SmallAE (from scratch: minutes, no checkpoints) and score its reconstructions of the FID reference
     images (the first validation images): PSNR, SSIM and reconstruction FID."""
-    import time
-
-    from rectflow.autoencoder import SmallAE, train_small_ae
-    from rectflow.data import get_dataset
     spec, path, device = run.spec, ae_path(opts, run.spec["channels"]), opts.torch_device()
     train_seconds = None
     if not path.is_file():
@@ -84,9 +85,8 @@ def _autoencoder(run: Run, run_dir: Path, opts: StudyOptions) -> dict:
         data = get_dataset(spec["data"], spec["resolution"], split="train", seed=opts.seed, **spec["data_options"])
         model = train_small_ae(data, channels=spec["channels"], factor=spec["factor"], steps=spec["steps"],
                                batch=spec["batch"], width=spec["width"], seed=opts.seed, device=device)
-        tmp = path.with_name(path.name + ".tmp")
-        model.save(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            model.save(tmp)
         train_seconds = time.perf_counter() - t0
     model = SmallAE.from_file(path).to(device).eval()
     val = get_dataset(spec["data"], spec["resolution"], split="val", seed=0, **spec["data_options"])
@@ -119,7 +119,7 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
         sc = flow.get("scores", {}).get(s, {})
         rows.append([c, fmt(ae.get("psnr"), 2), fmt(ae.get("ssim"), 3), fmt(ae.get("rfid"), 2),
                      fmt(PAPER[c][0], 2), fmt(PAPER[c][1], 2), fmt(flow.get("final_loss"), 4),
-                     fmt(sc.get("clip"), 2), fmt(sc.get("fid"), 2), fmt(sc.get("geneval"), 3)])
+                     fmt(sc.get("clip_score"), 2), fmt(sc.get("fid"), 2), fmt(metric_value(sc, "geneval"), 3)])
     _plot(results, fig_dir / "channels.png")
     any_ae = next((r for n, r in results.items() if n.startswith("ae-")), {})
     return "\n".join([
@@ -152,7 +152,7 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_ylabel("PSNR (dB)")
         if gs:
             twin = ax.twinx()
-            twin.plot(gs, [results[f"flow-{c}"]["scores"][s]["clip"] for c in gs], marker="^", color="C2",
+            twin.plot(gs, [results[f"flow-{c}"]["scores"][s]["clip_score"] for c in gs], marker="^", color="C2",
                       label="CLIP score of samples")
             twin.set_ylabel("CLIP score of samples")
             twin.legend(loc="lower right", fontsize=8)

@@ -2,29 +2,29 @@
 evaluation through rectflow.evaluate, and report helpers (markdown tables, figures).
 
 Every run of a study trains with the same recipe, data and seed except for the one thing the study varies. The
-recipe below is sized so each study's default grid finishes in about two hours on 2 CPU cores at budget 1;
-`--budget b` multiplies the training steps and the number of evaluation samples.
+recipe (rectflow/recipes/study.yaml) is sized so each study's default grid finishes in about two hours on 2 CPU
+cores at budget 1; `--budget b` multiplies the training steps and the number of evaluation samples.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-# The studies' training recipe at budget 1: the trainer's defaults with a smaller model and batch.
-RECIPE = {
-    "resolution": 32, "patch_size": 4, "depth": 4, "hidden": 128, "heads": 2, "batch_size": 32, "lr": 1e-3,
-    "warmup_steps": 50, "lr_schedule": "cosine", "qk_norm": "rms", "bf16": True, "ema_decay": 0.999,
-    "sample_every": 0, "keep_last": 1, "log_every": 10,
-    # the studies keep the value they were first run with (the trainer's default then; now null = automatic, 0.1
-    # with MiniLM), so the runs already made stay reproducible with their recorded command and spec
-    "text_drop": 0.464,
-}
+from rectflow.config import TrainConfig, apply_dict, apply_overrides, parse_override, recipe
+from rectflow.devices import resolve_device
+from rectflow.files import read_json, write_json
+from rectflow.training import Trainer, distributed
+
+# The studies' training recipe at budget 1 (rectflow/recipes/study.yaml): the trainer's defaults with a smaller
+# model and batch.
+RECIPE = recipe("study")
 EVAL_SAMPLES = 96       # generated images per evaluation setting at budget 1 (16 per shapes GenEval category)
 EVAL_REFERENCE = 1000   # real validation images of FID's reference set at budget 1
 NOT_IN_SPEC = ("device", "cache_dir")  # training fields that do not change what a run computes
@@ -64,7 +64,6 @@ class StudyOptions:
     def study_dir(self) -> Path:
         """Where this study's runs live: budget-B, with a hash of the other result-changing options when they are not
         the defaults (so `--set resolution=32` gets runs of its own instead of clashing with the default ones)."""
-        import hashlib
         changed = {k: getattr(self, k) for k in self.RESULT_OPTIONS
                    if getattr(self, k) != getattr(StudyOptions(self.study), k)}
         suffix = "-" + hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
@@ -86,9 +85,7 @@ class StudyOptions:
 
     def torch_device(self) -> torch.device:
         """The device of evaluation and of runs whose config says "auto"."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 def scaled(n: int, budget: float, minimum: int = 1) -> int:
@@ -99,36 +96,14 @@ def scaled(n: int, budget: float, minimum: int = 1) -> int:
 # ---------------------------------------------------------------- files
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file, then rename), so a kill never leaves half a file."""
-    from rectflow.config import write_text_atomic
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def read_json(path: Path):
-    """JSON from a file, or None when it does not exist."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """Hold an exclusive lock on `path` (blocking): one process at a time fills a cache shared by workers."""
-    import fcntl
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def folder_name(name: str) -> str:
+    """A run name as a folder name: 'rf/lognorm(0.00, 1.00)' -> 'rf_lognorm(0.00,1.00)'."""
+    return re.sub(r"[^A-Za-z0-9._,()=+-]", "_", name.replace(" ", ""))
 
 
 def cached(path: Path, compute):
-    """The JSON in `path`, computing and writing it first when absent (how evaluations resume)."""
+    """The JSON in `path` (rectflow.files.write_json's layout), computing and writing it first when absent (how
+    evaluations resume)."""
     value = read_json(path)
     if value is None:
         value = compute()
@@ -144,7 +119,6 @@ def study_config(opts: StudyOptions, steps: int, checkpoints: int = 4, recipe: d
     checkpoints, the fields the study varies, then the user's --set overrides (which may not change a varied field:
     that would break the comparison).
     """
-    from rectflow.config import TrainConfig, apply_dict, apply_overrides, parse_override
     max_steps = scaled(steps, opts.budget)
     base = {**RECIPE, "data": opts.data, "text_encoder": opts.text_encoder, "seed": opts.seed, "device": opts.device,
             "max_steps": max_steps, "warmup_steps": min(RECIPE["warmup_steps"], max(1, max_steps // 10)),
@@ -171,9 +145,6 @@ def trained(run_dir: Path, cfg, on_checkpoint=None):
 
     on_checkpoint(trainer) is called after every checkpoint the trainer writes (val-loss curves).
     """
-    from rectflow import distributed
-    from rectflow.train import Trainer
-
     class StudyTrainer(Trainer):
         """The trainer with a hook after each checkpoint."""
 
@@ -224,9 +195,6 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def samples_section(opts: StudyOptions, shown: dict[str, tuple[str, str]], fig_dir: Path, title: str) -> str:
     """Markdown showing sample grids (label -> (run name, setting key)), copied into the report's figures folder."""
-    import shutil
-
-    from rectflow.ablate import folder_name
     lines = [f"## {title}", ""]
     for label, (name, key) in shown.items():
         src = opts.study_dir / folder_name(name) / "eval" / f"{key}.png"
@@ -241,7 +209,7 @@ def samples_section(opts: StudyOptions, shown: dict[str, tuple[str, str]], fig_d
 
 def figure(path: Path, draw, size=(6.0, 4.0)) -> Path:
     """Draw on a fresh matplotlib Axes (Agg, no global backend state) and save a PNG."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # imported here: matplotlib costs 0.3 s, which `rectflow --help` would pay
     fig = Figure(figsize=size, dpi=100)
     ax = fig.add_subplot()
     draw(ax)

@@ -1,4 +1,4 @@
-"""The formulation study (PAPER 3, Table 1): which forward process, loss weighting and timestep sampler is best?
+"""The formulation study (docs/paper.md §3, Table 1): which forward process, loss weighting and timestep sampler is best?
 
 Every variant trains the same model with the same data, steps and seed; only `formulation` differs. Each is sampled
 with the paper's six Euler settings (50 steps at CFG 1.0, 2.5 and 5.0; 5, 10 and 25 steps at CFG 5.0) from its EMA
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rectflow.evaluate.protocol import Setting, metric_value
+from rectflow.flow import TABLE1, paper_grid
 from rectflow.studies import ranking
 from rectflow.studies.common import (
     Run,
@@ -24,18 +26,17 @@ from rectflow.studies.common import (
     train_spec,
     trained,
 )
-from rectflow.studies.evaluation import Setting, evaluation, final_loss
+from rectflow.studies.evaluation import evaluation, final_loss
 
-TITLE = "Formulation study (PAPER 3, Table 1) at small scale"
+TITLE = "Formulation study (paper §3, Table 1) at small scale"
 STEPS = 1000  # training steps per variant at budget 1
-SAMPLERS = [(50, 1.0), (50, 2.5), (50, 5.0), (5, 5.0), (10, 5.0), (25, 5.0)]  # (Euler steps, CFG), PAPER 3
-SETTINGS = [Setting(steps, cfg, weights) for weights in ("ema", "raw") for steps, cfg in SAMPLERS]
-SCATTER = Setting(25, 5.0, "ema")  # the setting of the CLIP-FID figure (Table 2 uses 25 steps)
+SAMPLERS = [(50, 1.0), (50, 2.5), (50, 5.0), (5, 5.0), (10, 5.0), (25, 5.0)]  # (Euler steps, CFG), docs/paper.md §3
+SETTINGS = [Setting(weights, steps, cfg) for weights in ("ema", "raw") for steps, cfg in SAMPLERS]
+SCATTER = Setting("ema", 25, 5.0)  # the setting of the CLIP-FID figure (Table 2 uses 25 steps)
 
 
 def variants(opts: StudyOptions) -> list[str]:
     """Table 1's 16 variants, or the paper's 61 with --grid paper."""
-    from rectflow.flow import TABLE1, paper_grid
     return list(TABLE1) if opts.grid == "table1" else paper_grid()
 
 
@@ -63,11 +64,11 @@ def execute(run: Run, run_dir: Path, opts: StudyOptions) -> dict:
 
 
 def setting_ranks(results: dict, objectives: tuple[str, ...]) -> dict[str, dict]:
-    """setting key -> {variant: Pareto front number} on the given metrics (clip: max, fid: min, geneval: max)."""
+    """setting key -> {variant: Pareto front number} on the given metrics (clip_score: max, fid: min, geneval: max)."""
     directions = tuple("min" if o == "fid" else "max" for o in objectives)
     out = {}
     for s in SETTINGS:
-        points = {name: tuple(r["scores"][s.key][o] for o in objectives) for name, r in results.items()}
+        points = {name: tuple(metric_value(r["scores"][s.key], o) for o in objectives) for name, r in results.items()}
         out[s.key] = ranking.pareto_ranks(points, directions)
     return out
 
@@ -85,8 +86,8 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
     if len(results) < 2:
         return "\nFewer than two variants finished: nothing to rank yet.\n"
     shapes = all("geneval" in r["scores"][SCATTER.key] for r in results.values())
-    ours = rank_table(results, ("clip", "fid"))
-    with_geneval = rank_table(results, ("clip", "fid", "geneval")) if shapes else None
+    ours = rank_table(results, ("clip_score", "fid"))
+    with_geneval = rank_table(results, ("clip_score", "fid", "geneval")) if shapes else None
     names = ranking.order(ours["all"])
     paper_order = {n: i + 1 for i, n in enumerate(ranking.PAPER_TABLE1)}
     header = ["rank", "variant", "avg rank (all)", "5 steps", "50 steps"]
@@ -104,16 +105,18 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
         rho, p, shared = ranking.spearman_vs_paper(ours[col], col)
         corr_rows.append([col, len(shared), fmt(rho, 2), fmt(p, 3)])
     s = SCATTER.key
-    metric_rows = [[f"`{n}`", fmt(results[n]["scores"][s]["clip"], 2), fmt(results[n]["scores"][s]["fid"], 2),
-                    fmt(results[n]["scores"][s].get("geneval"), 3), fmt(results[n]["final_loss"], 4)] for n in names]
+    metric_rows = [[f"`{n}`", fmt(results[n]["scores"][s]["clip_score"], 2),
+                    fmt(results[n]["scores"][s]["fid"], 2), fmt(metric_value(results[n]["scores"][s], "geneval"), 3),
+                    fmt(results[n]["final_loss"], 4)] for n in names]
     _scatter(results, fig_dir / "clip_fid.png")
     _rank_vs_paper(ours["all"], fig_dir / "rank_vs_paper.png")
     rel = fig_dir.name
+    per_setting = setting_ranks(results, ("clip_score", "fid"))
     return "\n".join([
         "## Ranking", "",
         f"{len(results)} variants. Per setting (Euler: 50 steps at CFG 1, 2.5, 5; 5, 10, 25 steps at CFG 5; EMA and "
         "raw weights: 12 settings) the variants are sorted into Pareto fronts on (CLIP score higher, FID lower); a "
-        "variant's rank is its front, averaged over the settings (PAPER 3). The paper averages over 24 settings "
+        "variant's rank is its front, averaged over the settings (paper §3). The paper averages over 24 settings "
         "(two data sets); its columns are Table 1's." + (" `all, with GenEval` adds the GenEval-style overall "
                                                            "score as a third objective." if shapes else ""), "",
         table(header, rows), "",
@@ -125,7 +128,7 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
         "Per-setting numbers: `eval/<setting>.json` in each run folder; raw per-setting ranks below.", "",
         "<details><summary>ranks per setting</summary>", "",
         table(["variant", *[k.key for k in SETTINGS]],
-              [[f"`{n}`", *[setting_ranks(results, ("clip", "fid"))[k.key][n] for k in SETTINGS]] for n in names]),
+              [[f"`{n}`", *[per_setting[k.key][n] for k in SETTINGS]] for n in names]),
         "", "</details>", "",
         samples_section(opts, {f"`{n}`": (n, s) for n in names}, fig_dir,
                         f"Samples ({SCATTER.steps} Euler steps, CFG {SCATTER.cfg:g}, EMA weights)")])
@@ -134,7 +137,7 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
 def _scatter(results: dict, path: Path) -> None:
     """CLIP score against FID at the scatter setting, front 1 marked."""
     s = SCATTER.key
-    pts = {n: (r["scores"][s]["clip"], r["scores"][s]["fid"]) for n, r in results.items()}
+    pts = {n: (r["scores"][s]["clip_score"], r["scores"][s]["fid"]) for n, r in results.items()}
     front = set(ranking.pareto_fronts(pts)[0])
 
     def draw(ax):

@@ -1,4 +1,4 @@
-"""The formulation study's ranking (PAPER 3): non-dominated sorting per setting, ranks averaged over settings.
+"""The formulation study's ranking (docs/paper.md §3): non-dominated sorting per setting, ranks averaged over settings.
 
 For each evaluation setting (sampler steps x CFG x EMA-or-raw weights) the variants are sorted into Pareto fronts on
 (CLIP score, FID): front 1 holds the variants no other variant beats on both, front 2 those only front-1 variants
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-# PAPER 3 Table 1: average rank over all settings / the 5-step settings / the 50-step settings.
+# docs/paper.md §3 Table 1: average rank over all settings / the 5-step settings / the 50-step settings.
 PAPER_TABLE1 = {
     "rf/lognorm(0.00, 1.00)": (1.54, 1.25, 1.50),
     "rf/lognorm(1.00, 0.60)": (2.08, 3.50, 2.00),

@@ -1,4 +1,4 @@
-"""The resolution-dependent timestep shift (PAPER 5): at a higher resolution, train and sample with shift alpha.
+"""The resolution-dependent timestep shift (docs/paper.md §5): at a higher resolution, train and sample with shift alpha.
 
     t_m = alpha t_n / (1 + (alpha - 1) t_n)
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rectflow.evaluate.protocol import Setting, metric_value
 from rectflow.studies.common import (
     Run,
     StudyOptions,
@@ -27,19 +28,20 @@ from rectflow.studies.common import (
     train_spec,
     trained,
 )
-from rectflow.studies.evaluation import Setting, evaluation, final_loss
+from rectflow.studies.evaluation import evaluation, final_loss
 
-TITLE = "Resolution-dependent timestep shift (PAPER 5) at small scale"
+TITLE = "Resolution-dependent timestep shift (paper §5) at small scale"
 ALPHAS = (1.0, 1.5, 3.0)
 RESOLUTION, BASE_RESOLUTION, PATCH = 48, 32, 6
 STEPS = 4000  # training steps per shift at budget 1
 SAMPLER = (25, 5.0)  # Euler steps, CFG
-METRICS = (("clip", "CLIP score", 2), ("fid", "FID", 2), ("geneval", "GenEval overall", 3))
+METRICS = (("clip_score", "CLIP score", 2, "clip"), ("fid", "FID", 2, "fid"),  # (key, label, digits, figure name)
+           ("geneval", "GenEval overall", 3, "geneval"))
 
 
 def settings() -> list[Setting]:
     """EMA samples at each sampling shift."""
-    return [Setting(SAMPLER[0], SAMPLER[1], "ema", shift=a) for a in ALPHAS]
+    return [Setting("ema", SAMPLER[0], SAMPLER[1], shift=a) for a in ALPHAS]
 
 
 def name(alpha: float) -> str:
@@ -73,7 +75,7 @@ def grid(results: dict, metric: str) -> list[list[float | None]]:
     out = []
     for a in ALPHAS:
         r = results.get(name(a))
-        out.append([r["scores"][s.key].get(metric) if r else None for s in settings()])
+        out.append([metric_value(r["scores"][s.key], metric) if r else None for s in settings()])
     return out
 
 
@@ -87,14 +89,14 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
              f"Trained and sampled at {res} px ({cfg.patch_size} px patches); rule of thumb alpha = sqrt({res}^2 / "
              f"{BASE_RESOLUTION}^2) = {res / BASE_RESOLUTION:g}. Samples: {SAMPLER[0]} Euler steps, CFG "
              f"{SAMPLER[1]:g}, EMA weights. Rows: training shift; columns: sampling shift.", ""]
-    for metric, label, digits in METRICS:
+    for metric, label, digits, figure_name in METRICS:
         g = grid(results, metric)
         if all(v is None for row in g for v in row):
             continue
         rows = [[f"train {a:g}", *[fmt(v, digits) for v in row]] for a, row in zip(ALPHAS, g)]
         lines += [f"**{label}**", "", table(["", *[f"sample {a:g}" for a in ALPHAS]], rows), ""]
-        _heat(g, label, fig_dir / f"{metric}.png")
-        lines += [f"![{label}]({fig_dir.name}/{metric}.png)", ""]
+        _heat(g, label, fig_dir / f"{figure_name}.png")
+        lines += [f"![{label}]({fig_dir.name}/{figure_name}.png)", ""]
     losses = [[name(a), fmt(results[name(a)]["final_loss"], 4)] for a in ALPHAS if name(a) in results]
     lines += ["Final training loss (not comparable across shifts: each weights t differently):", "",
               table(["run", "loss"], losses), ""]

@@ -1,4 +1,4 @@
-"""Sampling steps against model size (PAPER 6, Table 6): do larger rectified-flow models need fewer steps?
+"""Sampling steps against model size (docs/paper.md §6, Table 6): do larger rectified-flow models need fewer steps?
 
 Models of three depths (hidden 32 d, d heads: the paper's size rule with head dim 32 instead of 64) train with the
 same recipe and are sampled with 5, 10, 20 and 50 Euler steps. The relative drop of a score at k steps against 50,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rectflow.evaluate.protocol import Setting, metric_value
 from rectflow.studies.common import (
     Run,
     StudyOptions,
@@ -25,9 +26,9 @@ from rectflow.studies.common import (
     train_spec,
     trained,
 )
-from rectflow.studies.evaluation import Setting, evaluation, final_loss
+from rectflow.studies.evaluation import evaluation, final_loss
 
-TITLE = "Sampling steps against model size (PAPER 6, Table 6) at small scale"
+TITLE = "Sampling steps against model size (paper §6, Table 6) at small scale"
 DEPTHS = (2, 4, 6)
 HEAD_DIM = 32
 STEPS = 4000  # training steps per model at budget 1
@@ -38,7 +39,7 @@ PAPER = {15: (4.30, 0.86, 0.21), 30: (3.59, 0.70, 0.24), 38: (2.71, 0.14, 0.08)}
 
 def settings() -> list[Setting]:
     """EMA samples at each step count."""
-    return [Setting(k, CFG, "ema") for k in SAMPLE_STEPS]
+    return [Setting("ema", k, CFG) for k in SAMPLE_STEPS]
 
 
 def config(opts: StudyOptions, depth: int):
@@ -64,8 +65,8 @@ def execute(run: Run, run_dir: Path, opts: StudyOptions) -> dict:
 
 def relative_drop(scores: dict, metric: str, steps: int) -> float | None:
     """(score at 50 steps - score at `steps`) / score at 50 steps; None where undefined."""
-    full = scores[Setting(50, CFG, "ema").key].get(metric)
-    part = scores[Setting(steps, CFG, "ema").key].get(metric)
+    full = metric_value(scores[Setting("ema", 50, CFG).key], metric)
+    part = metric_value(scores[Setting("ema", steps, CFG).key], metric)
     if full is None or part is None or full == 0:
         return None
     return (full - part) / full
@@ -78,15 +79,15 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
     names = [f"d{d}" for d in DEPTHS if f"d{d}" in results]
     lines = ["## Results", "", f"Euler, CFG {CFG:g}, EMA weights. Relative drop against 50 steps (positive: worse "
              "with fewer steps).", ""]
-    for metric, label in (("clip", "CLIP score"), ("geneval", "GenEval overall")):
-        if any(results[n]["scores"][settings()[-1].key].get(metric) is None for n in names):
+    for metric, label in (("clip_score", "CLIP score"), ("geneval", "GenEval overall")):
+        if any(metric_value(results[n]["scores"][settings()[-1].key], metric) is None for n in names):
             continue
         rows = []
         for n in names:
             r = results[n]
-            rows.append([n, f"{r['params'] / 1e6:.2f}M", fmt(r["scores"][settings()[-1].key][metric], 3),
+            rows.append([n, f"{r['params'] / 1e6:.2f}M", fmt(metric_value(r["scores"][settings()[-1].key], metric), 3),
                          *[_pct(relative_drop(r["scores"], metric, k)) for k in SAMPLE_STEPS[:-1]]])
-        if metric == "clip":
+        if metric == "clip_score":
             rows += [[f"paper d{d}", "", "", *[f"{v:.2f}%" for v in PAPER[d]]] for d in PAPER]
         lines += [f"**{label}**", "", table(["model", "params", f"{label} at 50", *[f"{k} steps" for k in
                                                                                    SAMPLE_STEPS[:-1]]], rows), ""]
@@ -106,7 +107,7 @@ def _plot(results: dict, names: list[str], path: Path) -> None:
     """Relative CLIP-score drop against sampling steps, one line per depth."""
     def draw(ax):
         for n in names:
-            drops = [relative_drop(results[n]["scores"], "clip", k) for k in SAMPLE_STEPS[:-1]]
+            drops = [relative_drop(results[n]["scores"], "clip_score", k) for k in SAMPLE_STEPS[:-1]]
             ax.plot(SAMPLE_STEPS[:-1], [100 * d if d is not None else float("nan") for d in drops], marker="o",
                     label=n)
         ax.set_xlabel("Euler steps")
