@@ -128,6 +128,10 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_last_good_one_offered(tmp_
     rc, err = cli(capsys, "sample", "--run", run, "--prompt", "a red circle", "--steps", "2", "--out",
                   tmp_path / "s.png")
     assert rc == 0, err
+    rc, err = cli(capsys, "eval", "--run", run, "--samples", "2", "--settings", "2x1.0", "--weights", "ema",
+                  "--val-samples", "4", "--ref-samples", "4", "--out", tmp_path / "eval.json")
+    assert rc == 0, err
+    assert "step_00000001" in json.loads((tmp_path / "eval.json").read_text())["settings"]["checkpoints"]["ema"]
     rc, err = cli(capsys, "train", "--out", run, "--resume-from-last-good", "--max-steps", "3")
     assert rc == 0, err
     names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))

@@ -236,7 +236,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self.counts["bad metadata lines"] = sum(bad_lines.values())
             self.counts.update(bad_lines)
         details = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items()))
-        level = logging.WARNING if self.skipped else logging.INFO
+        level = logging.WARNING if self.skipped or bad_lines else logging.INFO
         log.log(level, "%s (%s): %d usable images of %d files%s", folder, self.split, len(self.paths), len(files),
                 f"; {details}" if details else "")
 
