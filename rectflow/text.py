@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from rectflow.files import atomic_path
 
 # Probability of dropping each encoder during training (docs/paper.md §4: 46.3% in the text, 46.4% in the appendix;
 # 0.464^3 ~ 10% of samples see no text at all).
@@ -304,11 +305,9 @@ class CachedTextEncoder(TextEncoder):
         """Store a value on disk atomically (write a temporary file, then rename)."""
         from safetensors.torch import save_file
 
-        path = self.cache_dir / f"{key}.safetensors"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"context": value[0].contiguous(), "pooled": value[1].contiguous()}, str(tmp),
-                  metadata={"caption": caption})
-        os.replace(tmp, path)
+        with atomic_path(self.cache_dir / f"{key}.safetensors") as tmp:
+            save_file({"context": value[0].contiguous(), "pooled": value[1].contiguous()}, str(tmp),
+                      metadata={"caption": caption})
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Like the wrapped encoder's encode, from the cache where possible; misses are encoded in one batch."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from rectflow.autoencoder import Identity, encode_dataset, load_latents
 from rectflow.config import TrainConfig
 from rectflow.data import get_dataset
+from rectflow.files import atomic_path
 from rectflow.text import CachedTextEncoder, load_text_encoder
 from rectflow.training import distributed
 from rectflow.training.randomness import generator_for
@@ -110,9 +110,8 @@ class Batches:
         path = cache_dir / f"latents-{key}.safetensors"
         if ctx.is_main and not path.is_file():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            encode_dataset(self.ae, self.dataset, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                encode_dataset(self.ae, self.dataset, tmp)
         distributed.barrier(ctx)
         return load_latents(path)["latents"]
 
