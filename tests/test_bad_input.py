@@ -114,6 +114,7 @@ def test_damaged_and_hostile_checkpoints_in_sample_and_convert(tmp_path, capsys,
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_named_and_the_last_good_one_offered(tmp_path, capsys, run_dir):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

@@ -32,6 +32,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_eval_command_end_to_end(tiny_run, tmp_path):
     out = tmp_path / "report" / "eval.json"
     rc = main(["eval", "--run", str(tiny_run), "--out", str(out), "--samples", "12", "--settings", "2x1.0,3x2.5",
@@ -99,6 +100,7 @@ def test_reference_cache_is_written_atomically(tmp_path, monkeypatch):
     assert reference_fit(encoder, "shapes", 32, 4, {}, tmp_path / "cache")["cached"]
 
 
+@pytest.mark.slow
 def test_eval_loads_a_baseline_run(tmp_path):
     """A run of another architecture (arch: dit) is evaluated through its stored "arch"."""
     cfg = TrainConfig(arch="dit", depth=1, hidden=48, heads=2, patch_size=4, resolution=32, sample_every=0).validate()

@@ -14,6 +14,7 @@ TINY = ["--resolution", "16", "--patch-size", "4", "--depth", "1", "--hidden", "
         "--set", "data_options.categories=[single_object]"]  # 18 distinct captions to encode
 
 
+@pytest.mark.slow
 def test_quickstart(tmp_path):
     run, grid = tmp_path / "first", tmp_path / "red.png"
     assert main(["train", "--data", "shapes", "--max-steps", "20", "--out", str(run), *TINY]) == 0
