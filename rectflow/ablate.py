@@ -1,8 +1,8 @@
 """Run the paper's studies at small scale and write their reports: `rectflow ablate formulations --budget 0.1`.
 
-Studies (rectflow.studies): formulations (docs/paper.md §3, Table 1), architectures (docs/paper.md §4), channels (docs/paper.md §4,
-autoencoder latent channels), shift (docs/paper.md §5), steps (docs/paper.md §6, Table 6). Each is a grid of runs with the same
-model, data, budget and seed except for what the study varies, trained through rectflow.train and scored through
+Studies (rectflow.studies; sections of docs/paper.md): formulations (§3, Table 1), architectures (§4), channels (§4,
+autoencoder latent channels), shift (§5), steps (§6, Table 6). Each is a grid of runs with the same model, data,
+budget and seed except for what the study varies, trained through rectflow.training and scored through
 rectflow.evaluate.
 
 Runs live in RUNS/STUDY/budget-B/RUN/: spec.json (what defines the run), the trainer's files (config.yaml,

@@ -22,7 +22,8 @@ from rectflow.flow import Formulation
 
 # the networks rectflow.models.baselines builds (ARCHITECTURES), listed here so the config needs no torch import
 ARCHS = ("mmdit", "mmdit3", "dit", "crossdit", "uvit")
-AUTO_UNCOND = 0.1  # share of training samples with every text encoder dropped when text_drop is null (docs/paper.md §4)
+# share of training samples with every text encoder dropped when text_drop is null (docs/paper.md §4)
+AUTO_UNCOND = 0.1
 
 
 def _f(default, help: str, choices: tuple | None = None, resume: bool = False):
@@ -58,8 +59,8 @@ class TrainConfig:
                            "SD3 uses 3.0 at 1024px); also the default shift of sample grids")
     # the model (docs/paper.md §4)
     arch: str = _f("mmdit", "network: 'mmdit' (the paper's MM-DiT, as depth, hidden and heads give it) or a baseline "
-                            "of the architecture study (docs/paper.md §4) built at that MM-DiT's parameter count and head "
-                            "count: 'mmdit3' (three weight sets), 'crossdit', 'uvit' or 'dit' "
+                            "of the architecture study (docs/paper.md §4) built at that MM-DiT's parameter count and "
+                            "head count: 'mmdit3' (three weight sets), 'crossdit', 'uvit' or 'dit' "
                             "(rectflow.models.baselines)", ARCHS)
     depth: int = _f(6, "number of MM-DiT blocks d")
     hidden: int | None = _f(192, "hidden size; null means 64 * depth as in the paper")
@@ -77,7 +78,8 @@ class TrainConfig:
                           ("constant", "cosine"))
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
     betas: list = _f([0.9, 0.999], "AdamW betas [beta1, beta2]")
-    adam_eps: float | None = _f(None, "AdamW epsilon; null means 1e-15 with qk_norm (docs/paper.md §4) and 1e-8 without")
+    adam_eps: float | None = _f(None, "AdamW epsilon; null means 1e-15 with qk_norm (docs/paper.md §4) and 1e-8 "
+                                      "without")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 disables clipping")
     bf16: bool = _f(True, "bfloat16 autocast for the model's forward pass, on CPU and GPU (weights and optimizer "
@@ -92,17 +94,21 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; under torchrun each "
                              "process uses cuda:LOCAL_RANK", resume=True)
     # bookkeeping
-    checkpoint_every: int = _f(500, "write a checkpoint every N steps (and always at the end); 0: only at the end", resume=True)
+    checkpoint_every: int = _f(500, "write a checkpoint every N steps (and always at the end); 0: only at the end",
+                               resume=True)
     keep_last: int = _f(2, "keep the newest N checkpoints, delete older ones", resume=True)
     log_every: int = _f(10, "write TensorBoard scalars and refresh the progress bar every N steps "
                             "(metrics.jsonl gets every step)", resume=True)
-    sample_every: int = _f(500, "write a sample grid of sample_prompts every N steps (and at the end); 0: never", resume=True)
-    sample_prompts: list | None = _f(None, "prompts of the sample grids; null means a fixed set chosen for the data", resume=True)
+    sample_every: int = _f(500, "write a sample grid of sample_prompts every N steps (and at the end); 0: never",
+                           resume=True)
+    sample_prompts: list | None = _f(None, "prompts of the sample grids; null means a fixed set chosen for the data",
+                                     resume=True)
     sample_steps: int = _f(25, "solver steps of the sample grids", resume=True)
     sample_solver: str = _f("euler", "solver of the sample grids", ("euler", "heun", "dpmpp_2m"), resume=True)
     sample_cfg: float = _f(3.0, "classifier-free guidance scale of the sample grids", resume=True)
     cache_dir: str | None = _f(None, "folder for cached text features (one file per caption) and latents, shareable "
-                                     "between runs; null: text features in memory only, latents in <run>/cache", resume=True)
+                                     "between runs; null: text features in memory only, latents in <run>/cache",
+                                 resume=True)
 
     def validate(self) -> "TrainConfig":
         """Check value ranges and choices; raise ValueError naming the field."""
@@ -146,7 +152,8 @@ class TrainConfig:
         return self
 
     def effective_text_drop(self, n_encoders: int) -> float:
-        """text_drop, or when null 0.1 ** (1 / k) for k text encoders: 10% of samples fully unconditional (docs/paper.md §4)."""
+        """text_drop, or when null 0.1 ** (1 / k) for k text encoders: 10% of samples fully unconditional
+        (docs/paper.md §4)."""
         if self.text_drop is not None:
             return self.text_drop
         return AUTO_UNCOND ** (1 / max(1, n_encoders))

@@ -6,7 +6,8 @@ z_t = a_t x0 + b_t eps, t in [0, 1], t = 0 data, t = 1 noise. A Formulation comb
   - what the network predicts: the velocity eps - x0, eps, v = a eps - b x0, or EDM's preconditioned F;
   - the density pi(t) training times are drawn from: uniform, logit-normal, mode, cosmap (docs/paper.md §2);
 and a per-sample loss equal to -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2, so that its expectation over
-t ~ pi is the paper's objective L_w with weight w_t (docs/paper.md §1). docs/formulations.md maps every name to its formulas.
+t ~ pi is the paper's objective L_w with weight w_t (docs/paper.md §1). docs/formulations.md maps every name to its
+formulas.
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def _w_edm(f, t):
 
 
 class Formulation:
-    """One variant of the formulation study: path, prediction target, t sampler and loss weighting (docs/paper.md §1-3)."""
+    """One variant of the formulation study: path, prediction target, t sampler and loss weighting
+    (docs/paper.md §1-3)."""
 
     def __init__(self, name, path, prediction, sampler, weight, loss_scale, t_max=None):
         self.name = name
@@ -122,7 +124,8 @@ class Formulation:
         return self.path.to_rf_time(_time(t))
 
     def w(self, t):
-        """The paper's weight w_t of L_w with t ~ U(0, 1) (docs/paper.md §1 table; rf variants: t/(1-t) pi(t), docs/paper.md §2)."""
+        """The paper's weight w_t of L_w with t ~ U(0, 1) (docs/paper.md §1 table; rf variants: t/(1-t) pi(t),
+        §2)."""
         return self._weight(self, _time(t))
 
     def t_density(self, t):
@@ -204,7 +207,8 @@ class Formulation:
         return eps - x0
 
     def loss(self, net_out, x0, eps, t):
-        """Per-sample loss -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2 (mean over non-batch dims), docs/paper.md §1."""
+        """Per-sample loss -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2 (mean over non-batch dims),
+        docs/paper.md §1."""
         dtype = torch.promote_types(net_out.dtype, torch.float32)
         err = net_out.to(dtype) - self.target(x0, eps, t).to(dtype)
         return self.loss_scale * err.pow(2).flatten(1).mean(1)

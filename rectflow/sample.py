@@ -34,7 +34,8 @@ from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights  # noqa: F401
 from rectflow.sampling import guided, sample
 from rectflow.text import load_text_encoder
 
-DEFAULTS_FOR_RELEASED = {"formulation": "rf", "shift": 3.0, "schedule": "sd3"}  # docs/paper.md §6: released inference settings
+# docs/paper.md §6: the released models' inference settings
+DEFAULTS_FOR_RELEASED = {"formulation": "rf", "shift": 3.0, "schedule": "sd3"}
 
 
 @dataclass

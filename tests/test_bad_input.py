@@ -18,7 +18,8 @@ from PIL import Image
 from rectflow.cli import main
 
 TINY = ["--resolution", "16", "--patch-size", "4", "--depth", "1", "--hidden", "64", "--heads", "2",
-        "--batch-size", "4", "--warmup-steps", "1", "--lr-schedule", "constant", "--log-every", "1", "--sample-every", "0",
+        "--batch-size", "4", "--warmup-steps", "1", "--lr-schedule", "constant", "--log-every", "1",
+        "--sample-every", "0",
         ]
 SHAPES = ["--set", "data_options.categories=[single_object]"]
 MARKER = "rectflow-pickle-ran"

@@ -1,4 +1,5 @@
-"""Evaluation (docs/paper.md §3): validation loss, CLIP score and FID with pluggable image-text encoders, GenEval-style scores.
+"""Evaluation (docs/paper.md §3): validation loss, CLIP score and FID with pluggable image-text encoders,
+GenEval-style scores.
 
     val_loss    the model's own objective at 8 equally spaced t, fixed noise and data
     encoder     the image-text encoder interface (ImageTextEncoder)

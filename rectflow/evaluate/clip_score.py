@@ -3,8 +3,8 @@
     CLIP score(image, caption) = 100 * max(cos(E_img(image), E_txt(caption)), 0)
 
 the usual definition (Hessel et al. 2021 with w = 100, as torchmetrics' CLIPScore computes it), averaged over the
-images. docs/paper.md §3 / Table 2 print it as a fraction (.250), i.e. divided by 100; rectflow reports the 0-100 scale.
-The number depends on the encoder: every report names it.
+images. docs/paper.md §3 / Table 2 print it as a fraction (.250), i.e. divided by 100; rectflow reports the 0-100
+scale. The number depends on the encoder: every report names it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""GenEval-style prompt-following scores on the shapes data (docs/paper.md §6, Table 5), read by a deterministic detector.
+"""GenEval-style prompt-following scores on the shapes data (docs/paper.md §6, Table 5), read by a deterministic
+detector.
 
 GenEval (Ghosh et al. 2023) runs an object detector on generated images and checks each prompt's requirements. The
 shapes data has a known palette and three shapes, so rectflow replaces the learned detector with an exact one:

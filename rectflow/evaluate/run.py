@@ -1,6 +1,7 @@
 """Evaluate a training run: `rectflow eval --run runs/first --samples 120 --out runs/first/eval/eval.json`.
 
-docs/paper.md §3's protocol at the scale of one machine, for the EMA and the raw weights of the run's latest checkpoint:
+docs/paper.md §3's protocol at the scale of one machine, for the EMA and the raw weights of the run's latest
+checkpoint:
 
 - validation loss at 8 equally spaced t (rectflow.evaluate.val_loss), on the data set's validation split;
 - for each sampler setting (Euler; 50 steps at CFG 1.0, 2.5 and 5.0; 5, 10 and 25 steps at CFG 5.0 by default),

@@ -1,7 +1,8 @@
 """The small offline CLIP-style scorer: `rectflow train-scorer --out scorer.safetensors`.
 
-docs/paper.md §3 scores samples with CLIP L/14 (CLIP score, and FID on its image features). Where no CLIP is at hand, rectflow
-uses this stand-in, trained on its own built-in data (shapes scenes and emoji glyphs) the way CLIP is trained:
+docs/paper.md §3 scores samples with CLIP L/14 (CLIP score, and FID on its image features). Where no CLIP is at
+hand, rectflow uses this stand-in, trained on its own built-in data (shapes scenes and emoji glyphs) the way CLIP is
+trained:
 
 - image tower: a small convolutional net on 32x32 images ([-1, 1]; other sizes are resized with antialiasing), whose
   last feature map is flattened rather than pooled, so positions ("to the left of") survive;

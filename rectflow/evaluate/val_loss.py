@@ -1,4 +1,5 @@
-"""Validation loss (docs/paper.md §3): the model's own objective at 8 equally spaced t, each level separately, then the mean.
+"""Validation loss (docs/paper.md §3): the model's own objective at 8 equally spaced t, each level separately, then
+the mean.
 
 The levels are the midpoints of 8 equal bins of [0, 1]:
 

@@ -169,7 +169,8 @@ class Baseline(nn.Module):
 
 
 class DiT(Baseline):
-    """Vanilla DiT for text: [text; image] tokens in one sequence, one weight set (docs/paper.md §4 architecture study)."""
+    """Vanilla DiT for text: [text; image] tokens in one sequence, one weight set (docs/paper.md §4, architecture
+    study)."""
 
     arch = "dit"
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FREQUENCY_DIM = 256  # width of the sinusoidal timestep features (SD3)
-TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000, as SD3 does (docs/paper.md §4), so released weights work unchanged
+# t in [0, 1] is embedded as t * 1000, as SD3 does (docs/paper.md §4), so released weights work unchanged
+TIME_SCALE = 1000.0
 
 
 def timestep_features(t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> torch.Tensor:

@@ -5,10 +5,11 @@ conditioning vector c = t_embedder(t) + y_embedder(pooled text) drives every ada
 checkpoints' keys (`joint_blocks.N.x_block.attn.qkv`, `final_layer.linear`, ...), so a released state dict is a plain
 `load_state_dict` (see rectflow.checkpoints for files, the diffusers layout and config inference).
 
-Positions (docs/paper.md §4 "Mixed aspect ratios"): tokens sit on the paper's extended-and-interpolated grid, centred on the
-reference side s = input_size / patch_size and scaled by pos_embed_base_size / input_size (the pretraining side
-over the current one). With pos_embed_max_size = M the grid is a fixed M x M table (a `pos_embed` buffer, as in the
-released files) that is centre-cropped to each input; without it the grid is computed for any H x W.
+Positions (docs/paper.md §4 "Mixed aspect ratios"): tokens sit on the paper's extended-and-interpolated grid,
+centred on the reference side s = input_size / patch_size and scaled by pos_embed_base_size / input_size (the
+pretraining side over the current one). With pos_embed_max_size = M the grid is a fixed M x M table (a `pos_embed`
+buffer, as in the released files) that is centre-cropped to each input; without it the grid is computed for any
+H x W.
 """
 from __future__ import annotations
 
@@ -302,7 +303,7 @@ class MMDiT(nn.Module):
         """DiT-style init: xavier linears, N(0, 0.02) embedder MLPs, zero adaLN (gates) and zero final layer."""
         init_weights(self)
 
-    # ----- positions (docs/paper.md §4 "Mixed aspect ratios") ---------------------------------------------------------------
+    # ----- positions (docs/paper.md §4 "Mixed aspect ratios") -------------------------------------------------
 
     def _grid_embedding(self, h: int, w: int, total: int | None = None) -> torch.Tensor:
         """Sin-cos embedding [h * w, hidden] of the extended-and-interpolated grid, centre-cropped to h x w."""
@@ -330,8 +331,9 @@ class MMDiT(nn.Module):
         return self._pos_cache[key]
 
     def set_position_grid(self, input_size: int, pos_embed_base_size: int | None = None) -> None:
-        """Re-centre and re-scale the position grid for training at a new resolution (docs/paper.md §4): input_size is the new
-        reference latent side, pos_embed_base_size the pretraining one (default: unchanged). A table is rebuilt."""
+        """Re-centre and re-scale the position grid for training at a new resolution (docs/paper.md §4): input_size is
+        the new reference latent side, pos_embed_base_size the pretraining one (default: unchanged). A table is
+        rebuilt."""
         base = self._config["pos_embed_base_size"] if pos_embed_base_size is None else pos_embed_base_size
         if input_size % self.patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {self.patch_size}")

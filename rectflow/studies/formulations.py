@@ -1,4 +1,5 @@
-"""The formulation study (docs/paper.md §3, Table 1): which forward process, loss weighting and timestep sampler is best?
+"""The formulation study (docs/paper.md §3, Table 1): which forward process, loss weighting and timestep sampler
+is best?
 
 Every variant trains the same model with the same data, steps and seed; only `formulation` differs. Each is sampled
 with the paper's six Euler settings (50 steps at CFG 1.0, 2.5 and 5.0; 5, 10 and 25 steps at CFG 5.0) from its EMA

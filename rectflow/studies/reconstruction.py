@@ -1,4 +1,5 @@
-"""Reconstruction quality of an autoencoder (docs/paper.md §4, autoencoder channels: 4 / 8 / 16 ch PSNR 25.12 / 26.40 / 28.62).
+"""Reconstruction quality of an autoencoder (docs/paper.md §4, autoencoder channels: 4 / 8 / 16 ch PSNR 25.12 /
+26.40 / 28.62).
 
 Both metrics take images in [-1, 1] (NCHW), compare them on the [0, 1] scale (data range 1) and return one value per
 image, averaged by the caller.

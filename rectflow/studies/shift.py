@@ -1,4 +1,5 @@
-"""The resolution-dependent timestep shift (docs/paper.md §5): at a higher resolution, train and sample with shift alpha.
+"""The resolution-dependent timestep shift (docs/paper.md §5): at a higher resolution, train and sample with shift
+alpha.
 
     t_m = alpha t_n / (1 + (alpha - 1) t_n)
 

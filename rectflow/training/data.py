@@ -38,7 +38,8 @@ def step_indices(seed: int, step: int, batch_size: int, n_items: int) -> list[in
 
 
 class TextFeatures:
-    """Text features per caption, computed once and cached (docs/paper.md §4 conditioning; rectflow.text.CachedTextEncoder).
+    """Text features per caption, computed once and cached (docs/paper.md §4, conditioning;
+    rectflow.text.CachedTextEncoder).
 
     A finite data set's captions are encoded up front, sorted and in fixed chunks, and kept in memory (when they fit
     in table_bytes); any other caption is encoded alone the first time it is seen. Either way a caption's features
