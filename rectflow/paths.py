@@ -197,14 +197,8 @@ class RFSigma(EDMPath):
     def db(self, t):
         return 1 / (1 - t) ** 2
 
-    def dlam(self, t):
-        return -2 / (t * (1 - t))
-
-    def from_rf_time(self, t):
-        return t
-
-    def to_rf_time(self, t):
-        return t
+    # rf's log-SNR at every t: its lambda', and rf time is this path's own time
+    dlam, from_rf_time, to_rf_time = RectifiedPath.dlam, RectifiedPath.from_rf_time, RectifiedPath.to_rf_time
 
 
 class CosSigma(EDMPath):
