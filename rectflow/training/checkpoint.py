@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from rectflow.checkpoints import FORMAT_TAG
 from rectflow.config import TrainConfig
-from rectflow.runs import STATE, WEIGHT_FILES, find_checkpoint, write_checkpoint  # noqa: F401  (find_checkpoint: API)
+from rectflow.runs import STATE, WEIGHT_FILES, write_checkpoint
 
 STATE_VERSION = 1
 

@@ -16,9 +16,9 @@ import torch
 
 from rectflow.config import (FIELDS, RESUME_CHANGEABLE, TrainConfig, apply_dict, apply_overrides, field_type,
                              load_config)
-from rectflow.runs import CONFIG, find_checkpoint
+from rectflow.files import check_safetensors
+from rectflow.runs import CONFIG, WEIGHT_FILES, find_checkpoint
 from rectflow.training import distributed
-from rectflow.training.checkpoint import load_state
 from rectflow.training.loop import Trainer, TrainingAborted
 
 
@@ -90,11 +90,14 @@ def config_from_args(args) -> TrainConfig:
 
 
 def recorded_config(run_dir: Path) -> TrainConfig | None:
-    """The config the run's latest loadable checkpoint was written with (None: no checkpoint yet)."""
+    """The config the run's latest loadable checkpoint was written with (None: no checkpoint yet), read from its
+    weights' header (rectflow.training.checkpoint.weights_metadata), not from the optimizer state."""
     ck = find_checkpoint(run_dir)
     if ck is None:
         return None
-    return TrainConfig.from_dict(json.loads(load_state(ck)["config"]), source=f"{ck}/state.pt")
+    path = ck / WEIGHT_FILES["raw"]
+    recorded = check_safetensors(path).get("__metadata__", {}).get("rectflow.train_config")
+    return None if recorded is None else TrainConfig.from_dict(json.loads(recorded), source=str(path))
 
 
 def check_resume_changes(old: TrainConfig, new: TrainConfig, source: str = "--resume") -> None:
