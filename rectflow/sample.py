@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
 
 from rectflow.autoencoder import load_autoencoder
 from rectflow.checkpoints import load_model as load_weights
@@ -67,10 +66,8 @@ class Pipeline:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """The safetensors header metadata (empty for files without it)."""
-    check_safetensors(path)
-    with safe_open(str(path), framework="pt") as fh:
-        return fh.metadata() or {}
+    """The safetensors header metadata (empty for files without it); the header is checked as it is read."""
+    return check_safetensors(path).get("__metadata__") or {}
 
 
 def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
