@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rectflow.files import atomic_path, write_text_atomic
+from rectflow.files import atomic_path, check_safetensors, write_text_atomic
+from rectflow.lora import BASE_KEY, apply_loras, merge, read_lora
 from rectflow.models import baselines
+from rectflow.models.layouts import CONTEXT_BLOCK, GLOBAL, X_BLOCK
 from rectflow.models.mmdit import MMDiT
 from rectflow.models.released import (FORMAT_TAG, OTHER_COMPONENTS, PICKLE_SUFFIXES, PREFIX,  # noqa: F401
                                       CheckpointError, _listing, _read_pickle, _read_safetensors, check_state_dict,
@@ -30,6 +32,7 @@ from rectflow.models.released import (FORMAT_TAG, OTHER_COMPONENTS, PICKLE_SUFFI
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_QK_NORM = {None: None, "rms": "rms_norm", "ln": "layer_norm"}
+UNCOND_KEY = "rectflow.uncond_prompt"  # header key: JSON of the prompt whose encoding is CFG's unconditional input
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,6 +83,14 @@ def from_single_file(path, dtype: torch.dtype | None = None, allow_pickle: bool 
     return build_model(config, sd, path, dtype)
 
 
+def uncond_prompt_of(metadata: dict[str, str]) -> str | None:
+    """CFG's unconditional prompt of a weights file: as recorded, else "" for released files (SD3's reference
+    sampler) and None (zeros, what text dropout taught) for rectflow training files."""
+    if UNCOND_KEY in metadata:
+        return json.loads(metadata[UNCOND_KEY])
+    return None if "rectflow.train_config" in metadata else ""
+
+
 def save_released(model: MMDiT, path, prefix: bool = False) -> None:
     """Write the state dict in the released single-file layout (optionally under `model.diffusion_model.`)."""
     head = PREFIX if prefix else ""
@@ -94,39 +105,32 @@ def save_model(model: MMDiT, path) -> None:
 
 def load_model(path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> torch.nn.Module:
     """Load any supported checkpoint: a rectflow file (an MM-DiT or a baseline, rectflow.models.baselines), a
-    released file, or a diffusers folder."""
+    released file, a diffusers folder, or a LoRA run's weights (its base with the LoRA merged)."""
     path = Path(path)
     if path.is_dir():
         return load_diffusers(path, dtype=dtype, allow_pickle=allow_pickle)
+    base = _lora_base(path)
+    if base is not None:  # a LoRA run's checkpoint: its base weights with the LoRA merged
+        model = load_model(base, allow_pickle=allow_pickle).float()
+        merge(model, read_lora(path)[0], source=f"LoRA file {path}")
+        return model if dtype is None else model.to(dtype)
     return from_single_file(path, dtype=dtype, allow_pickle=allow_pickle)
 
 
+def _lora_base(path: Path) -> Path | None:
+    """The base weights a training run's LoRA file names in its header, or None for other files."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    base = (check_safetensors(path).get("__metadata__") or {}).get(BASE_KEY)
+    if base is None:
+        return None
+    if not Path(base).exists():
+        raise FileNotFoundError(f"{path} is a LoRA of {base}, which does not exist (moved?); sample with the base "
+                                f"file and --lora {path}")
+    return Path(base)
+
+
 # ----- the diffusers layout --------------------------------------------------------------------------------------
-
-# (released module, diffusers module(s)); three diffusers modules are the q, k, v rows of one fused qkv
-X_BLOCK = [
-    ("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")), ("attn.proj", ("attn.to_out.0",)),
-    ("attn.ln_q", ("attn.norm_q",)), ("attn.ln_k", ("attn.norm_k",)),
-    ("attn2.qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v")), ("attn2.proj", ("attn2.to_out.0",)),
-    ("attn2.ln_q", ("attn2.norm_q",)), ("attn2.ln_k", ("attn2.norm_k",)),
-    ("adaLN_modulation.1", ("norm1.linear",)), ("mlp.fc1", ("ff.net.0.proj",)), ("mlp.fc2", ("ff.net.2",)),
-]
-CONTEXT_BLOCK = [
-    ("attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")), ("attn.proj", ("attn.to_add_out",)),
-    ("attn.ln_q", ("attn.norm_added_q",)), ("attn.ln_k", ("attn.norm_added_k",)),
-    ("adaLN_modulation.1", ("norm1_context.linear",)),
-    ("mlp.fc1", ("ff_context.net.0.proj",)), ("mlp.fc2", ("ff_context.net.2",)),
-]
-GLOBAL = [
-    ("x_embedder.proj", ("pos_embed.proj",)),
-    ("t_embedder.mlp.0", ("time_text_embed.timestep_embedder.linear_1",)),
-    ("t_embedder.mlp.2", ("time_text_embed.timestep_embedder.linear_2",)),
-    ("y_embedder.mlp.0", ("time_text_embed.text_embedder.linear_1",)),
-    ("y_embedder.mlp.2", ("time_text_embed.text_embedder.linear_2",)),
-    ("context_embedder", ("context_embedder",)), ("final_layer.linear", ("proj_out",)),
-    ("final_layer.adaLN_modulation.1", ("norm_out.linear",)),
-]
-
 
 def _module_map(depth: int) -> list[tuple[str, tuple[str, ...], bool]]:
     """(released module, diffusers modules, swap) for a model of `depth` blocks. diffusers orders the 2-output adaLN
@@ -305,6 +309,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --to diffusers, for models without a position table: the table side to write")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow .ckpt/.pt/.bin sources (loaded with torch.load(weights_only=True))")
+    parser.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="bake a LoRA (any layout rectflow convert-lora reads) into the weights, scaled "
+                             "(default 1); repeatable, applied in order")
 
 
 def run(args) -> int:
@@ -314,7 +321,10 @@ def run(args) -> int:
         print("rectflow convert: error: --prefix only applies to --to sd3", file=sys.stderr)
         return 2
     try:
-        model = load_model(args.src, dtype=DTYPES.get(args.dtype), allow_pickle=args.allow_pickle)
+        model = load_model(args.src, allow_pickle=args.allow_pickle)
+        apply_loras(model, args.merge_lora)  # before any cast: the update is added in float32
+        if args.dtype:
+            model = model.to(DTYPES[args.dtype])
         if "arch" in model.config and to != "rectflow":
             raise CheckpointError(f"{args.src} holds a {model.config['arch']} model (an architecture-study baseline); "
                                   f"only MM-DiTs have the {to} layout: use --to rectflow")

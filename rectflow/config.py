@@ -68,6 +68,22 @@ class TrainConfig:
     patch_size: int = _f(4, "side of the square patches cut from the latent (the paper uses 2 on 32x32 latents)")
     qk_norm: str = _f("rms", "normalisation of queries and keys per head (docs/paper.md §4)", ("none", "rms", "ln"))
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass (less memory, slower)")
+    # fine-tuning (docs/finetune.md)
+    init: str | None = _f(None, "start from these weights: a released SD3 / SD3.5 single file, a diffusers folder, a "
+                                "rectflow weights file, checkpoint or run directory (its EMA weights); the "
+                                "architecture comes from the file (arch, depth, hidden, heads, patch_size and qk_norm "
+                                "are then ignored); null: a new model")
+    lora: int = _f(0, "LoRA rank: train low-rank adapters of lora_targets (peft) and keep the other weights frozen, "
+                      "writing diffusers-layout LoRA files; 0: train all weights")
+    lora_alpha: float | None = _f(None, "LoRA alpha: the update is scaled by alpha / rank; null: the rank (scale 1)")
+    lora_targets: str = _f("attn", "layers the LoRA adapts: 'attn' (the attention projections of both streams), "
+                                   "'attn-mlp' (and the MLPs), 'all-linear', or a regex over whole module names "
+                                   "(e.g. 'joint_blocks\\.\\d+\\.x_block\\.attn\\.qkv')")
+    lora_blocks: str | None = _f(None, "joint blocks the LoRA adapts, e.g. '0-5,12'; null: all")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input")
+    frozen_dtype: str | None = _f(None, "dtype of the frozen base weights of a LoRA run (the LoRA stays float32): "
+                                        "bf16 halves their memory and needs bf16 autocast; null: bf16 when bf16 is "
+                                        "on, else fp32", (None, "bf16", "fp32"))
     # optimisation
     batch_size: int = _f(64, "global batch size (all processes and accumulation micro-steps together)")
     grad_accum: int = _f(1, "gradient accumulation: micro-steps per optimizer step")
@@ -142,6 +158,17 @@ class TrainConfig:
             raise ValueError(f"config key 'betas': expected two values in [0, 1), got {self.betas!r}")
         if self.adam_eps is not None and self.adam_eps <= 0:
             raise ValueError(f"config key 'adam_eps': expected a value > 0 or null, got {self.adam_eps!r}")
+        if self.lora < 0:
+            raise ValueError(f"config key 'lora': expected a rank >= 1, or 0 for no LoRA, got {self.lora!r}")
+        if self.lora and not self.init:
+            raise ValueError("config key 'lora': a LoRA adapts existing weights; set init (a released file, a "
+                             "diffusers folder or a rectflow run) to the model to fine-tune")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"config key 'lora_alpha': expected a value > 0 or null, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"config key 'lora_dropout': expected a value in [0, 1), got {self.lora_dropout!r}")
+        if self.frozen_dtype == "bf16" and not self.bf16:
+            raise ValueError("config key 'frozen_dtype': bf16 base weights need bf16 autocast (bf16: true)")
         try:
             Formulation.from_name(self.formulation)
         except ValueError as err:
@@ -164,6 +191,11 @@ class TrainConfig:
         if self.adam_eps is not None:
             return self.adam_eps
         return 1e-15 if self.qk_norm != "none" else 1e-8
+
+    @property
+    def effective_frozen_dtype(self) -> str:
+        """frozen_dtype, or when null bf16 under bf16 autocast and fp32 otherwise."""
+        return self.frozen_dtype or ("bf16" if self.bf16 else "fp32")
 
     def to_dict(self) -> dict:
         """Plain dict (YAML/JSON-serialisable), fields in declaration order."""

@@ -25,10 +25,12 @@ import yaml
 
 from rectflow.autoencoder import load_autoencoder
 from rectflow.checkpoints import load_model as load_weights
+from rectflow.checkpoints import uncond_prompt_of
 from rectflow.devices import resolve_device
 from rectflow.files import check_safetensors
 from rectflow.flow import Formulation
 from rectflow.images import make_grid, save_images, to_pil  # noqa: F401  (re-exported: rectflow.sample.save_images)
+from rectflow.lora import apply_loras
 from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights  # noqa: F401
 from rectflow.sampling import guided, sample
 from rectflow.text import load_text_encoder
@@ -50,6 +52,7 @@ class Pipeline:
     source: str = ""
     weights: str | None = None  # "ema" or "raw" as the loaded file says (None: not a rectflow training file)
     uncond_prompt: str | None = None  # CFG's unconditional branch: this prompt's encoding; None: zeros
+    loras: list = field(default_factory=list)  # the LoRAs merged into the model: [{file, scale, format}]
 
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of one latent."""
@@ -83,18 +86,20 @@ def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
 
 def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights: str | None = None, device="cpu",
                   formulation: str | None = None, text_encoder: str | None = None, autoencoder: str | None = None,
-                  resolution: int | None = None, step_dir: str | Path | None = None) -> Pipeline:
+                  resolution: int | None = None, step_dir: str | Path | None = None, loras=()) -> Pipeline:
     """Everything needed to sample, from a run or a weights file; explicit arguments override the run's config.
 
     weights: see resolve_weights. step_dir: a checkpoint directory of `run` to load instead of its latest (so that
-    several weight sets come from one checkpoint while the run goes on writing new ones).
+    several weight sets come from one checkpoint while the run goes on writing new ones). loras: 'FILE[:SCALE]'
+    LoRAs merged into the weights in order (rectflow.lora).
     """
     path = resolve_weights(run, checkpoint, weights) if step_dir is None else resolve_weights(
         None, str(step_dir), weights or "ema")
     model, cfg = load_model(path, device)
+    applied = apply_loras(model, loras)
     released = not cfg  # no rectflow training config in the file: a released model
-    kind = (read_metadata(path).get("rectflow.weights") if path.suffix.lower() == ".safetensors" else None) or (
-        None if released else weights)
+    meta = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
+    kind = meta.get("rectflow.weights") or (None if released else weights)
     if run is not None and (Path(run) / CONFIG).is_file():
         cfg = {**cfg, **(yaml.safe_load((Path(run) / CONFIG).read_text()) or {})}
     text_spec = text_encoder or cfg.get("text_encoder")
@@ -106,10 +111,10 @@ def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights
     form = Formulation.from_name(formulation or cfg.get("formulation", DEFAULTS_FOR_RELEASED["formulation"]))
     side = resolution or cfg.get("resolution") or model.config["input_size"] * ae.factor
     _check_conditioning(model, text, path)
-    # released SD3 models take the empty prompt's encoding as the unconditional input (SD3's reference sampler);
-    # rectflow runs were trained with text dropout to zeros
+    # released SD3 models (and fine-tunes of them) take the empty prompt's encoding as the unconditional input (SD3's
+    # reference sampler); rectflow runs from scratch were trained with text dropout to zeros
     return Pipeline(model, form, text, ae, int(side), cfg, source=str(path), weights=kind,
-                    uncond_prompt="" if released else None)
+                    uncond_prompt=uncond_prompt_of(meta) if meta else ("" if released else None), loras=applied)
 
 
 def _check_conditioning(model, text, path) -> None:
@@ -196,6 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--weights", choices=("ema", "raw"), default=None, help="EMA or raw weights of a run or "
                      "checkpoint directory (default: ema; a directory without ema.safetensors: its model.safetensors); "
                      "an error when the file is absent or --checkpoint names a file")
+    src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="merge a LoRA into the "
+                     "model, scaled (default 1): rectflow, diffusers/PEFT, kohya, ComfyUI or OneTrainer layout; "
+                     "repeatable")
     src.add_argument("--formulation", default=None, help="forward process (default: the run's; rf for released files)")
     src.add_argument("--text-encoder", default=None, help="text encoder spec (default: the run's)")
     src.add_argument("--autoencoder", default=None, help="autoencoder spec (default: the run's)")
@@ -269,7 +277,7 @@ def run(args) -> int:
         prompts = read_prompts(args)
         device = resolve_device(args.device)
         pipe = load_pipeline(args.run, args.checkpoint, args.weights, device, args.formulation, args.text_encoder,
-                             args.autoencoder, args.resolution)
+                             args.autoencoder, args.resolution, loras=args.lora)
         released = not pipe.train_config
         shift = args.shift if args.shift is not None else (
             DEFAULTS_FOR_RELEASED["shift"] if released else pipe.train_config.get("shift", 1.0))
@@ -286,7 +294,8 @@ def run(args) -> int:
     # weights: what the loaded file says it holds; source: the file itself
     meta = {**settings, "weights": pipe.weights, "source": pipe.source, "formulation": pipe.formulation.name,
             "encoders": encoders or list(pipe.text_encoder.encoder_names), "resolution": pipe.resolution,
-            "negative_prompt": uncond}  # the prompt encoded for CFG's unconditional branch; null: zeros
+            "negative_prompt": uncond,  # the prompt encoded for CFG's unconditional branch; null: zeros
+            "loras": pipe.loras}
     save_images(images, prompts, args.out, meta)
     print(f"rectflow sample: wrote {args.out} and {len(prompts)} images beside it", file=sys.stderr)
     return 0

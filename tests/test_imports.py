@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rectflow"
 # the bottom of the house: these never import what is above them
 BOTTOM = ("rectflow.files", "rectflow.devices", "rectflow.flow", "rectflow.sampling", "rectflow.config",
           "rectflow.models", "rectflow.data", "rectflow.text", "rectflow.autoencoder", "rectflow.images",
-          "rectflow.runs", "rectflow.checkpoints")
+          "rectflow.runs", "rectflow.checkpoints", "rectflow.lora")
 TOP = ("rectflow.training", "rectflow.train", "rectflow.sample", "rectflow.evaluate", "rectflow.studies",
        "rectflow.ablate", "rectflow.demo", "rectflow.cli")
 

@@ -69,7 +69,10 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def key_value(self, x: torch.Tensor) -> torch.Tensor:
-        """The k, v rows of the fused projection only, [B, L, 2h]: a pre-only stream's queries would be discarded."""
+        """The k, v rows of the fused projection only, [B, L, 2h]: a pre-only stream's queries would be discarded.
+        A wrapped projection (a LoRA layer, rectflow.lora) is run whole and sliced: its update spans all rows."""
+        if type(self.qkv) is not nn.Linear:
+            return self.qkv(x)[..., self.qkv.in_features:]
         h = self.qkv.weight.shape[1]
         return F.linear(x, self.qkv.weight[h:], self.qkv.bias[h:])
 

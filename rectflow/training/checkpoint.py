@@ -10,18 +10,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rectflow.checkpoints import FORMAT_TAG
+from rectflow.checkpoints import FORMAT_TAG, UNCOND_KEY
 from rectflow.config import TrainConfig
 from rectflow.runs import STATE, WEIGHT_FILES, write_checkpoint
 
 STATE_VERSION = 1
 
 
-def weights_metadata(model: torch.nn.Module, cfg: TrainConfig, step: int, kind: str) -> dict[str, str]:
-    """safetensors metadata: rectflow.checkpoints' file format (model config) plus the run's training config."""
+def weights_metadata(model: torch.nn.Module, cfg: TrainConfig, step: int, kind: str,
+                     uncond_prompt: str | None = None) -> dict[str, str]:
+    """safetensors metadata: rectflow.checkpoints' file format (model config) plus the run's training config and
+    CFG's unconditional prompt (null: zeros; "" for fine-tunes of released models, as their base)."""
     return {"format": FORMAT_TAG, "config": json.dumps(model.config),
             "rectflow.train_config": json.dumps(cfg.to_dict()), "rectflow.step": str(step),
-            "rectflow.weights": kind}
+            "rectflow.weights": kind, UNCOND_KEY: json.dumps(uncond_prompt)}
 
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
@@ -30,11 +32,16 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -
     save_file(tensors, str(path), metadata=metadata)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, ema, state: dict, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step_N (raw and EMA weights, training state) atomically; prune to cfg.keep_last."""
+def save_checkpoint(run_dir: Path, step: int, model, ema, state: dict, cfg: TrainConfig, lora=None,
+                    uncond_prompt: str | None = None) -> Path:
+    """Write checkpoints/step_N (raw and EMA weights, or a LoRA run's adapters, and the training state) atomically;
+    prune to cfg.keep_last."""
     def write(folder: Path) -> None:
-        save_weights(model, folder / WEIGHT_FILES["raw"], weights_metadata(model, cfg, step, "raw"))
-        save_weights(ema, folder / WEIGHT_FILES["ema"], weights_metadata(ema, cfg, step, "ema"))
+        if lora is not None:
+            lora.write(folder, weights_metadata(model, cfg, step, "lora", uncond_prompt))
+        else:
+            save_weights(model, folder / WEIGHT_FILES["raw"], weights_metadata(model, cfg, step, "raw", uncond_prompt))
+            save_weights(ema, folder / WEIGHT_FILES["ema"], weights_metadata(ema, cfg, step, "ema", uncond_prompt))
         torch.save(state, folder / STATE)
     return write_checkpoint(run_dir, step, write, cfg.keep_last)
 

@@ -40,6 +40,7 @@ from rectflow.training import distributed
 from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
 from rectflow.training.data import ENDLESS, Batches, TextFeatures, all_captions, default_prompts, frozen_text_encoder
 from rectflow.training.data import step_indices
+from rectflow.training.finetune import LoRATraining, attach_lora, check_fits, load_init
 from rectflow.training.model import build_model, compute_loss, context_splits
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from rectflow.training.randomness import generator_for, rng_states, seed_for, set_rng_states
@@ -73,7 +74,8 @@ class Trainer:
         self.autoencoder = load_autoencoder(cfg.autoencoder).to(self.device).eval()
         self.text = TextFeatures(frozen_text_encoder(cfg.text_encoder, self.device), text_cache)
         self.text_drop = cfg.effective_text_drop(len(self.text.encoder_names))  # null: automatic, per encoder count
-        if cfg.resolution % self.autoencoder.factor or (cfg.resolution // self.autoencoder.factor) % cfg.patch_size:
+        patch = cfg.patch_size if cfg.init is None else None  # an init model's patch size: check_fits
+        if cfg.resolution % self.autoencoder.factor or (patch and (cfg.resolution // self.autoencoder.factor) % patch):
             raise ValueError(f"config key 'resolution': {cfg.resolution} px is not a multiple of autoencoder factor "
                              f"{self.autoencoder.factor} x patch_size {cfg.patch_size}")
         side = cfg.resolution // self.autoencoder.factor
@@ -88,16 +90,30 @@ class Trainer:
                   f"them as they come (set cache_dir to keep them on disk)", file=sys.stderr)
 
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.autoencoder.channels, side, self.text.context_dim, self.text.pooled_dim,
-                                 context_splits(self.text)).to(self.device)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.init, self.lora = (load_init(cfg.init) if cfg.init else None), None
+        if self.init is None:
+            self.model = build_model(cfg, self.autoencoder.channels, side, self.text.context_dim,
+                                     self.text.pooled_dim, context_splits(self.text))
+        else:
+            self.model = self.init.model
+            check_fits(self.model, self.text, self.autoencoder, side, self.init.path)
+            self.model.gradient_checkpointing = cfg.grad_checkpointing
+        self.uncond_prompt = self.init.uncond_prompt if self.init else None
+        if cfg.lora:
+            attach_lora(self.model, cfg)
+        self.model.to(self.device)
+        if cfg.lora:
+            self.lora, self.ema = LoRATraining(self.model, self.init.path), None
+        else:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.net = self.model
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
             # the last block's context stream only feeds keys and values: its query norm gets no gradient
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                if self.device.type == "cuda" else None, find_unused_parameters=True)
-        self.opt = make_optimizer(self.model, cfg)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.trainable, cfg)
         self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
         self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
         self._writer = None
@@ -119,8 +135,11 @@ class Trainer:
         if ck is None:
             return
         state = load_state(ck)
-        self.model.load_state_dict(load_file(str(ck / WEIGHT_FILES["raw"]), device=str(self.device)))
-        self.ema.load_state_dict(load_file(str(ck / WEIGHT_FILES["ema"]), device=str(self.device)))
+        if self.lora is not None:
+            self.lora.load(ck)
+        else:
+            self.model.load_state_dict(load_file(str(ck / WEIGHT_FILES["raw"]), device=str(self.device)))
+            self.ema.load_state_dict(load_file(str(ck / WEIGHT_FILES["ema"]), device=str(self.device)))
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.skipped = state["step"], state["skipped"]
         self.bad_streak, self.images_seen = state["bad_streak"], state["images_seen"]
@@ -132,13 +151,17 @@ class Trainer:
         """Checkpoint the current step (rank 0), unless a weight is not finite: a checkpoint is always good."""
         if not self.ctx.is_main:
             return None
-        bad = next((f"{name}.{k}" for name, m in (("model", self.model), ("ema", self.ema))
-                    for k, p in m.named_parameters() if not torch.isfinite(p).all()), None)
+        if self.lora is not None:
+            bad = self.lora.nonfinite()
+        else:
+            bad = next((f"{name}.{k}" for name, m in (("model", self.model), ("ema", self.ema))
+                        for k, p in m.named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:
             print(f"rectflow train: step {self.step}: not writing a checkpoint, {bad} holds non-finite values; the "
                   f"last good checkpoint is {find_checkpoint(self.run_dir) or 'none'}", file=sys.stderr)
             return None
-        return save_checkpoint(self.run_dir, self.step, self.model, self.ema, self._state(), self.cfg)
+        return save_checkpoint(self.run_dir, self.step, self.model, self.ema, self._state(), self.cfg, self.lora,
+                               self.uncond_prompt)
 
     # ---- one step
 
@@ -171,14 +194,17 @@ class Trainer:
             loss_sum += per_sample.detach().double().sum()
         loss = distributed.all_reduce_sum(loss_sum, self.ctx).item() / B
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
         ok = math.isfinite(loss) and math.isfinite(grad_norm)
         if ok:
             self.opt.step()
             self.bad_streak = 0
             if (step + 1) % cfg.ema_every == 0:
-                update = (step + 1) // cfg.ema_every - 1
-                ema_update(self.ema, self.model, ema_decay_at(update, cfg.ema_decay, cfg.ema_warmup))
+                decay = ema_decay_at((step + 1) // cfg.ema_every - 1, cfg.ema_decay, cfg.ema_warmup)
+                if self.lora is not None:
+                    self.lora.ema_update(decay)
+                else:
+                    ema_update(self.ema, self.model, decay)
         else:
             self.opt.zero_grad(set_to_none=True)
             self.skipped += 1
@@ -219,11 +245,14 @@ class Trainer:
 
     def write_samples(self) -> Path:
         """A captioned grid of the fixed prompts from the EMA weights (rank 0), in samples/ and TensorBoard."""
-        pipe = Pipeline(self.ema, self.formulation, self.text, self.autoencoder, self.cfg.resolution,
-                        self.cfg.to_dict(), source=str(self.run_dir))
         settings = {"steps": self.cfg.sample_steps, "solver": self.cfg.sample_solver, "cfg_scale": self.cfg.sample_cfg,
                     "shift": self.cfg.shift, "seed": self.cfg.seed}
-        images = generate(pipe, self.prompts, bf16=self.cfg.bf16, **settings)
+        with self.lora.ema_weights() if self.lora is not None else contextlib.nullcontext(self.ema) as net:
+            was_training = net.training
+            pipe = Pipeline(net.eval(), self.formulation, self.text, self.autoencoder, self.cfg.resolution,
+                            self.cfg.to_dict(), source=str(self.run_dir), uncond_prompt=self.uncond_prompt)
+            images = generate(pipe, self.prompts, bf16=self.cfg.bf16, **settings)
+            net.train(was_training)
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         grid = save_images(images, self.prompts, path, {**settings, "run": str(self.run_dir), "train_step": self.step,
                                                         "weights": "ema"}, singles=False)

@@ -21,14 +21,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW of the config: the fused kernel (all tensors in one pass) where PyTorch has it for the parameters
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW of the config over `params` (a model's parameters, or a list: the trainable ones): the fused kernel (all tensors in one pass) where PyTorch has it for the parameters
     (float32 on CPU or CUDA), else PyTorch's default implementation.
 
     A resumed run keeps the implementation its checkpoint was written with (load_state_dict restores the param
     groups' `fused` flag), so runs checkpointed before the fused kernel was used continue exactly.
     """
-    params = list(model.parameters())
+    params = list(params.parameters() if isinstance(params, torch.nn.Module) else params)
     fused = getattr(torch, "_fused_adamw_", None) is not None and all(
         p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.effective_adam_eps,

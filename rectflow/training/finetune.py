@@ -1,0 +1,137 @@
+"""Fine-tuning: a run that starts from existing weights (`init`: a released SD3 / SD3.5 file, a diffusers folder, a
+rectflow run), training all of them or a LoRA of some layers (rectflow.lora) with the rest frozen.
+
+A LoRA run checkpoints only its adapters, raw and EMA, as diffusers-layout LoRA files (so diffusers' load_lora_weights
+and ComfyUI read a run's checkpoint directly); their headers name the base weights and carry the training config, so
+`rectflow sample --run` and `--resume` rebuild the model from them.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rectflow.checkpoints import load_model, uncond_prompt_of
+from rectflow.config import TrainConfig
+from rectflow.files import check_safetensors
+from rectflow.lora import BASE_KEY, Adapter, adapters, attach, load_adapters, read_lora, write_lora
+from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights
+
+
+
+@dataclass
+class Init:
+    """The weights a fine-tuning run starts from."""
+
+    model: torch.nn.Module
+    path: Path  # the weights file (or diffusers folder) they were read from
+    uncond_prompt: str | None  # CFG's unconditional input: "" for released models, None (zeros) for rectflow runs
+
+
+def init_weights_path(spec: str) -> Path:
+    """The weights `init` names: a run directory's latest EMA weights, a checkpoint directory's, else the file or
+    diffusers folder itself."""
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"config key 'init': {spec} does not exist")
+    if path.is_dir() and (path / CONFIG).is_file() and (path / "checkpoints").is_dir():
+        return resolve_weights(run=str(path))
+    if path.is_dir() and any((path / f).is_file() for f in WEIGHT_FILES.values()):
+        return resolve_weights(checkpoint=str(path))
+    return path
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata ({} for folders and other files)."""
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        return check_safetensors(path).get("__metadata__") or {}
+    return {}
+
+
+def load_init(spec: str) -> Init:
+    """The model `init` names, in float32 (a LoRA run's weights: its base with the LoRA merged); frozen parts are
+    cast later (attach_lora)."""
+    path = init_weights_path(spec)
+    if path.is_file() and path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ValueError(f"config key 'init': {path} is a pickle; convert it to safetensors first "
+                         f"(rectflow convert {path} OUT.safetensors --allow-pickle)")
+    model = load_model(path).float()
+    return Init(model, path.resolve(), uncond_prompt_of(file_metadata(path)))
+
+
+def check_fits(model: torch.nn.Module, text, autoencoder, latent_side: int, source) -> None:
+    """The init model must take the configured text features and latents."""
+    mc = model.config
+    if (mc["context_dim"], mc["pooled_dim"]) != (text.context_dim, text.pooled_dim):
+        raise ValueError(f"config key 'init': {source} expects context/pooled widths {mc['context_dim']}/"
+                         f"{mc['pooled_dim']}, text_encoder {text.spec if hasattr(text, 'spec') else ''} gives "
+                         f"{text.context_dim}/{text.pooled_dim}; set text_encoder to the model's encoders")
+    if mc["in_channels"] != autoencoder.channels:
+        raise ValueError(f"config key 'init': {source} takes {mc['in_channels']}-channel latents, autoencoder gives "
+                         f"{autoencoder.channels}; set autoencoder to the model's (e.g. sd3-vae:DIR)")
+    if latent_side % mc["patch_size"]:
+        raise ValueError(f"config key 'resolution': the latent side {latent_side} is not a multiple of the model's "
+                         f"patch size {mc['patch_size']}")
+
+
+def attach_lora(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
+    """Freeze the model in cfg's frozen dtype and attach cfg's LoRA (float32); returns the adapted modules."""
+    if cfg.effective_frozen_dtype == "bf16":
+        model.to(torch.bfloat16)
+    return attach(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets, cfg.lora_blocks, cfg.lora_dropout)
+
+
+class LoRATraining:
+    """The trained adapters of a LoRA run and their EMA: what its checkpoints hold instead of whole models."""
+
+    def __init__(self, model: torch.nn.Module, base: Path):
+        self.model, self.base = model, base
+        self.live = adapters(model)  # views of the trained parameters
+        self.ema = {k: Adapter(a.down.detach().clone(), a.up.detach().clone(), a.alpha) for k, a in self.live.items()}
+
+    def _tensors(self, lora: dict[str, Adapter]) -> list[torch.Tensor]:
+        return [t for a in lora.values() for t in (a.down, a.up)]
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * live."""
+        torch._foreach_lerp_(self._tensors(self.ema), [t.detach() for t in self._tensors(self.live)], 1.0 - decay)
+
+    def nonfinite(self) -> str | None:
+        """The first adapter tensor (raw or EMA) holding a non-finite value, or None."""
+        for kind, lora in (("lora", self.live), ("ema", self.ema)):
+            for name, a in lora.items():
+                if not (torch.isfinite(a.down).all() and torch.isfinite(a.up).all()):
+                    return f"{kind}.{name}"
+        return None
+
+    def write(self, folder: Path, metadata: dict[str, str]) -> None:
+        """Raw and EMA adapters as diffusers-layout LoRA files, named as a full run's weights are."""
+        # the model-file keys (format, config) stay out: this is a LoRA file, whose base is named instead
+        header = {**{k: v for k, v in metadata.items() if k not in ("format", "config")}, BASE_KEY: str(self.base)}
+        write_lora(self.live, folder / WEIGHT_FILES["raw"], "diffusers", {**header, "rectflow.weights": "raw"})
+        write_lora(self.ema, folder / WEIGHT_FILES["ema"], "diffusers", {**header, "rectflow.weights": "ema"})
+
+    def load(self, folder: Path) -> None:
+        """Resume: the raw adapters into the model, the EMA ones into self.ema."""
+        raw, _ = read_lora(folder / WEIGHT_FILES["raw"])
+        load_adapters(self.model, raw, source=folder / WEIGHT_FILES["raw"])
+        ema, _ = read_lora(folder / WEIGHT_FILES["ema"])
+        with torch.no_grad():
+            for name, a in ema.items():
+                self.ema[name].down.copy_(a.down)
+                self.ema[name].up.copy_(a.up)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The model with the EMA adapters in place of the trained ones (for sample grids), restored after."""
+        saved = [t.detach().clone() for t in self._tensors(self.live)]
+        with torch.no_grad():
+            torch._foreach_copy_(self._tensors(self.live), self._tensors(self.ema))
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self._tensors(self.live), saved)
