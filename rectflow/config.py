@@ -68,6 +68,9 @@ class TrainConfig:
     patch_size: int = _f(4, "side of the square patches cut from the latent (the paper uses 2 on 32x32 latents)")
     qk_norm: str = _f("rms", "normalisation of queries and keys per head (docs/paper.md §4)", ("none", "rms", "ln"))
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass (less memory, slower)")
+    buckets: bool = _f(False, "aspect-ratio buckets (folders of images): each image keeps about its shape at "
+                              "about resolution^2 pixels, sides multiples of patch x autoencoder factor, aspect "
+                              "ratios up to data_options.max_ratio (default 2); batches come from one bucket")
     # fine-tuning (docs/finetune.md)
     init: str | None = _f(None, "start from these weights: a released SD3 / SD3.5 single file, a diffusers folder, a "
                                 "rectflow weights file, checkpoint or run directory (its EMA weights); the "

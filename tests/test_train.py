@@ -512,10 +512,10 @@ def test_latent_training_on_a_folder_with_a_small_autoencoder(tmp_path):
                max_steps=3, checkpoint_every=3, batch_size=4)
     trainer = train_mod.Trainer(cfg, tmp_path / "r")
     assert trainer.latent_shape == (4, 8, 8) and len(trainer.dataset) == 9
-    assert trainer.batches.latents.shape == (9, 4, 8, 8)
+    assert trainer.batches.cache.get(list(range(9))).shape == (9, 4, 8, 8)
     assert set(trainer.text.table) == set(trainer.dataset.captions)  # encoded before step 1
     trainer.fit()
-    assert len(list((tmp_path / "r" / "cache").glob("latents-*.safetensors"))) == 1
+    assert len(list((tmp_path / "r" / "cache").glob("latents-*/shard_*.safetensors"))) == 1
     assert all(math.isfinite(v) for v in losses(tmp_path / "r"))
     images = generate(load_pipeline(run=str(tmp_path / "r")), ["a plain red square"], steps=2)
     assert images.shape == (1, 3, 16, 16)

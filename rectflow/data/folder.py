@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from rectflow.data.buckets import MAX_RATIO, bucket_sides, fit_bucket, nearest_bucket
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -190,10 +192,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     hflip=True adds a mirrored copy of every training image (items n..2n-1) whose caption has left and right
     swapped; off by default because captions say left and right.
+
+    buckets=m: aspect-ratio buckets instead (rectflow.data.buckets): each image goes to the bucket of about
+    resolution^2 pixels, sides multiples of m, nearest its aspect ratio (up to max_ratio), and is resized and
+    centre-cropped to it; .bucket_sides and .bucket_of (per item) say which.
     """
 
     def __init__(self, root: str | Path, resolution: int = 32, split: str = "train", crop: str = "center",
-                 hflip: bool = False, val_every: int = 20):
+                 hflip: bool = False, val_every: int = 20, buckets: int | None = None,
+                 max_ratio: float = MAX_RATIO):
         if split not in ("train", "val"):
             raise ValueError(f"folder split must be 'train' or 'val', got {split!r}")
         if crop not in CROPS:
@@ -208,17 +215,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                        key=lambda p: p.relative_to(folder).as_posix())
         if not dedicated:
             files = [p for i, p in enumerate(files) if (i % val_every == val_every - 1) == (split == "val")]
-        self.paths, self.captions, self.skipped, self.counts = [], [], [], Counter()
+        self.paths, self.captions, self.sizes, self.skipped, self.counts = [], [], [], [], Counter()
         self._scan(files, folder)
         if not self.paths:
             raise ValueError(self._empty_message(folder, files, dedicated, val_every))
+        self.bucket_sides, self.bucket_of = None, None
+        if buckets:
+            self.bucket_sides = bucket_sides(resolution, int(buckets), max_ratio)
+            per_file = [nearest_bucket(w, h, self.bucket_sides) for w, h in self.sizes]
+            self.bucket_of = per_file * (2 if self.hflip else 1)
 
     def _scan(self, files: list[Path], folder: Path) -> None:
         """Decode every file once; keep the usable ones with their captions, count the rest."""
         captions, bad_lines = read_metadata(folder)
         for path in files:
             try:
-                _, notes = load_image(path, draft=(self.resolution, self.resolution))
+                image, notes = load_image(path, draft=(self.resolution, self.resolution))
             except UnusableImage as err:
                 self.skipped.append((str(path), str(err)))
                 self.counts[f"skipped: {err}"] += 1
@@ -232,6 +244,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 self.counts["no caption"] += 1
             self.paths.append(path)
             self.captions.append(caption or "")
+            self.sizes.append(image.size)
         if bad_lines:  # the total, then each reason
             self.counts["bad metadata lines"] = sum(bad_lines.values())
             self.counts.update(bad_lines)
@@ -254,7 +267,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.paths) * (2 if self.hflip else 1)
 
     def _load(self, i: int) -> tuple[Image.Image, int]:
-        """Image i fitted to the resolution, and its index: a file that broke after the scan yields the next one."""
+        """Image i fitted to the resolution (or its bucket), and its index: a file that broke after the scan yields
+        the next one."""
         for k in range(len(self.paths)):
             path = self.paths[(i + k) % len(self.paths)]
             try:
@@ -262,7 +276,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except (UnusableImage, OSError) as err:
                 log.warning("%s became unusable after the scan (%s); using the next image", path, err)
                 continue
-            return fit(image, self.resolution, self.crop), (i + k) % len(self.paths)
+            j = (i + k) % len(self.paths)
+            if self.bucket_of is not None:
+                return fit_bucket(image, self.bucket_sides[self.bucket_of[j]]), j
+            return fit(image, self.resolution, self.crop), j
         raise RuntimeError(f"no image under {self.root} can be read any more")
 
     def __getitem__(self, index: int) -> dict:

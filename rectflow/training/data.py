@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 
-from rectflow.autoencoder import Identity, encode_dataset, load_latents
+from rectflow.autoencoder import Identity
 from rectflow.config import TrainConfig
 from rectflow.data import get_dataset
-from rectflow.files import atomic_path
 from rectflow.text import CachedTextEncoder, load_text_encoder
 from rectflow.training import distributed
+from rectflow.training.cache import LatentCache, autoencoder_identity
 from rectflow.training.randomness import generator_for
 
 
@@ -94,39 +92,111 @@ def frozen_text_encoder(spec: str, device: torch.device):
     return load_text_encoder(spec).to(device).eval().requires_grad_(False)
 
 
+def bucket_groups(dataset) -> list[list[int]] | None:
+    """Data-set indices per aspect-ratio bucket (non-empty buckets only), or None for a data set without buckets."""
+    of = getattr(dataset, "bucket_of", None)
+    if of is None:
+        return None
+    groups: dict[int, list[int]] = {}
+    for i, b in enumerate(of):
+        groups.setdefault(b, []).append(i)
+    return [groups[b] for b in sorted(groups)]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_batches(seed: int, epoch: int, batch_size: int, groups: tuple[tuple[int, ...], ...]) -> list[list[int]]:
+    """The batches of one epoch over buckets: each bucket shuffled and cut into full batches (the last one filled
+    from the bucket's start), all of them in a shuffled order."""
+    batches = []
+    for b, members in enumerate(groups):
+        perm = [members[int(i)] for i in torch.randperm(len(members), generator=generator_for(seed, epoch, "bucket", b))]
+        for lo in range(0, len(perm), batch_size):
+            chunk = perm[lo:lo + batch_size]
+            batches.append(chunk + [perm[j % len(perm)] for j in range(batch_size - len(chunk))])
+    order = torch.randperm(len(batches), generator=generator_for(seed, epoch, "bucket-order"))
+    return [batches[int(k)] for k in order]
+
+
+def bucket_step_indices(seed: int, step: int, batch_size: int, groups: list[list[int]]) -> list[int]:
+    """Data-set indices of the global batch of `step`, all from one bucket: a pure function of (seed, step), so a
+    resumed run draws the same batches."""
+    per_epoch = sum(-(-len(g) // batch_size) for g in groups)
+    epoch, k = divmod(step, per_epoch)
+    return _epoch_batches(seed, epoch, batch_size, tuple(tuple(g) for g in groups))[k]
+
+
 class Batches:
     """Loads the inputs of any slice of a step's global batch: latents x0 and captions."""
 
     def __init__(self, dataset, cfg: TrainConfig, autoencoder, device, cache_dir: Path, ctx):
         self.dataset, self.cfg, self.ae, self.device = dataset, cfg, autoencoder, device
         self.n = len(dataset)
-        self.latents = None
+        self.groups = bucket_groups(dataset)
+        self.cache = None
         if not is_identity(autoencoder) and self.n < ENDLESS:
-            self.latents = self._cached_latents(cache_dir, ctx)
+            self.cache = self._cached_latents(cache_dir, ctx)
 
-    def _cached_latents(self, cache_dir: Path, ctx) -> torch.Tensor:
-        """All latents of a finite data set, encoded once (rank 0) into cache_dir and read from there."""
-        key = hashlib.sha256(json.dumps([self.cfg.data, self.cfg.data_options, self.cfg.resolution,
-                                         self.cfg.autoencoder, self.cfg.seed, self.n]).encode()).hexdigest()[:16]
-        path = cache_dir / f"latents-{key}.safetensors"
-        if ctx.is_main and not path.is_file():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                encode_dataset(self.ae, self.dataset, tmp)
+    def indices(self, step: int) -> list[int]:
+        """Data-set indices of the global batch of `step` (within one bucket for bucketed data)."""
+        if self.groups is not None:
+            return bucket_step_indices(self.cfg.seed, step, self.cfg.batch_size, self.groups)
+        return step_indices(self.cfg.seed, step, self.cfg.batch_size, self.n)
+
+    def latent_shape(self, index: int) -> tuple[int, int, int]:
+        """(C, h, w) of item `index`'s latent: its bucket's, else the square resolution's."""
+        if self.groups is None:
+            side = self.cfg.resolution // self.ae.factor
+            return (self.ae.channels, side, side)
+        w, h = self.dataset.bucket_sides[self.dataset.bucket_of[index]]
+        return (self.ae.channels, h // self.ae.factor, w // self.ae.factor)
+
+    def _cached_latents(self, cache_dir: Path, ctx) -> LatentCache:
+        """The latent cache of this data set, autoencoder and resolution, (re)built on rank 0 before training."""
+        data = self.cfg.data
+        if Path(data).expanduser().is_dir():
+            data = str(Path(data).expanduser().resolve())
+        identity = {"data": data, "data_options": self.cfg.data_options, "resolution": self.cfg.resolution,
+                    "buckets": getattr(self.dataset, "bucket_sides", None), "seed": self.cfg.seed,
+                    "autoencoder": autoencoder_identity(self.ae), "dtype": "float32", "split": "train"}
+        cache = LatentCache(cache_dir, identity, self.n)
+        if ctx.is_main:
+            cache.build(self._encode)
         distributed.barrier(ctx)
-        return load_latents(path)["latents"]
+        return cache
+
+    @torch.no_grad()
+    def _encode(self, indices: list[int]) -> list[torch.Tensor]:
+        """Latents of the items (grouped by shape: buckets differ), in float32 on the CPU."""
+        images = [self.dataset[i]["image"] for i in indices]
+        out: list = [None] * len(indices)
+        by_shape: dict[tuple, list[int]] = {}
+        for j, image in enumerate(images):
+            by_shape.setdefault(tuple(image.shape), []).append(j)
+        for js in by_shape.values():
+            z = self.ae.encode(torch.stack([images[j] for j in js]).to(self.device)).float().cpu()
+            for j, latent in zip(js, z):
+                out[j] = latent
+        return out
 
     def load(self, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
         """x0 (latents, on the device) and captions of the given data-set indices."""
+        if self.cache is not None:
+            captions = [self._caption(i) for i in indices]
+            return self.cache.get(indices).to(self.device), captions
         items = [self.dataset[i] for i in indices]
         captions = [it["caption"] for it in items]
-        if self.latents is not None:
-            return self.latents[indices].to(self.device), captions
         images = torch.stack([it["image"] for it in items]).to(self.device)
         if is_identity(self.ae):
             return images, captions
         with torch.no_grad():
             return self.ae.encode(images).float(), captions
+
+    def _caption(self, i: int) -> str:
+        """Item i's caption without decoding its image where the data set lists them."""
+        captions = getattr(self.dataset, "captions", None)
+        if isinstance(captions, list) and len(captions) == self.n:
+            return captions[i]
+        return self.dataset[i]["caption"]
 
 
 def is_identity(autoencoder) -> bool:

@@ -39,7 +39,6 @@ from rectflow.sample import Pipeline, generate
 from rectflow.training import distributed
 from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
 from rectflow.training.data import ENDLESS, Batches, TextFeatures, all_captions, default_prompts, frozen_text_encoder
-from rectflow.training.data import step_indices
 from rectflow.training.finetune import LoRATraining, attach_lora, check_fits, load_init
 from rectflow.training.model import build_model, compute_loss, context_splits
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
@@ -74,23 +73,58 @@ class Trainer:
         self.autoencoder = load_autoencoder(cfg.autoencoder).to(self.device).eval()
         self.text = TextFeatures(frozen_text_encoder(cfg.text_encoder, self.device), text_cache)
         self.text_drop = cfg.effective_text_drop(len(self.text.encoder_names))  # null: automatic, per encoder count
-        patch = cfg.patch_size if cfg.init is None else None  # an init model's patch size: check_fits
-        if cfg.resolution % self.autoencoder.factor or (patch and (cfg.resolution // self.autoencoder.factor) % patch):
-            raise ValueError(f"config key 'resolution': {cfg.resolution} px is not a multiple of autoencoder factor "
-                             f"{self.autoencoder.factor} x patch_size {cfg.patch_size}")
-        side = cfg.resolution // self.autoencoder.factor
+        # an init model is read first: its patch size sets the latent grid (and the bucket sides)
+        self.init, self.lora = (load_init(cfg.init) if cfg.init else None), None
+        self.patch = self.init.model.config.get("patch_size", 1) if self.init else cfg.patch_size
+        side = self._latent_side()
         self.latent_shape = (self.autoencoder.channels, side, side)
-        try:
-            self.dataset = get_dataset(cfg.data, cfg.resolution, split="train", seed=cfg.seed, **cfg.data_options)
-        except TypeError as err:  # an option the data set does not take
-            raise ValueError(f"config key 'data_options': {err}") from None
+        self.dataset = self._dataset()
         self.batches = Batches(self.dataset, cfg, self.autoencoder, self.device, self.cache_dir, self.ctx)
         if len(self.dataset) < ENDLESS and not self.text.prepare(all_captions(self.dataset)):
             print(f"rectflow train: the {len(self.dataset)} captions' text features do not fit in memory; encoding "
                   f"them as they come (set cache_dir to keep them on disk)", file=sys.stderr)
-
         torch.manual_seed(cfg.seed)
-        self.init, self.lora = (load_init(cfg.init) if cfg.init else None), None
+        self._build_model(side)
+        self.net = self.model
+        if self.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            # the last block's context stream only feeds keys and values: its query norm gets no gradient
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None, find_unused_parameters=True)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.trainable, cfg)
+        self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
+        self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
+        self._writer = None
+        if resume:
+            self._resume(from_last_good)
+
+    # ---- construction
+
+    def _latent_side(self) -> int:
+        """The latent side of the square resolution (the pixel budget of buckets), checked against the grid."""
+        cfg, factor = self.cfg, self.autoencoder.factor
+        if cfg.resolution % factor or (cfg.resolution // factor) % self.patch:
+            raise ValueError(f"config key 'resolution': {cfg.resolution} px is not a multiple of autoencoder factor "
+                             f"{factor} x patch size {self.patch}")
+        return cfg.resolution // factor
+
+    def _dataset(self):
+        """The training split, in aspect-ratio buckets with sides of whole patches when cfg.buckets."""
+        cfg, options = self.cfg, dict(self.cfg.data_options)
+        if cfg.buckets:
+            options["buckets"] = self.autoencoder.factor * self.patch
+        try:
+            return get_dataset(cfg.data, cfg.resolution, split="train", seed=cfg.seed, **options)
+        except TypeError as err:  # an option the data set does not take
+            if cfg.buckets and "buckets" in str(err):
+                raise ValueError(f"config key 'buckets': {cfg.data!r} has square images only; aspect-ratio buckets "
+                                 f"are for folders of images") from None
+            raise ValueError(f"config key 'data_options': {err}") from None
+
+    def _build_model(self, side: int) -> None:
+        """The network (new, or the init weights with a LoRA attached) and its EMA (of the LoRA only)."""
+        cfg = self.cfg
         if self.init is None:
             self.model = build_model(cfg, self.autoencoder.channels, side, self.text.context_dim,
                                      self.text.pooled_dim, context_splits(self.text))
@@ -106,19 +140,6 @@ class Trainer:
             self.lora, self.ema = LoRATraining(self.model, self.init.path), None
         else:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.net = self.model
-        if self.ctx.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-            # the last block's context stream only feeds keys and values: its query norm gets no gradient
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                               if self.device.type == "cuda" else None, find_unused_parameters=True)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.trainable, cfg)
-        self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
-        self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
-        self._writer = None
-        if resume:
-            self._resume(from_last_good)
 
     # ---- persistence
 
@@ -171,11 +192,11 @@ class Trainer:
         lr = lr_at(step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        indices = step_indices(cfg.seed, step, B, len(self.dataset))
+        indices = self.batches.indices(step)
         # t and noise of the whole global batch, drawn identically on every rank, each rank uses its slice
         t_all = self.formulation.sample_t(B, generator=generator_for(cfg.seed, step, "t"), shift=cfg.shift)
         g_eps = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, "eps"))
-        eps_all = torch.randn((B, *self.latent_shape), generator=g_eps, device=self.device)
+        eps_all = torch.randn((B, *self.batches.latent_shape(indices[0])), generator=g_eps, device=self.device)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
