@@ -2,8 +2,8 @@
 MM-DiT with rectflow.lora against diffusers' SD3Transformer2DModel with peft, the same shapes, LoRA targets, gradient
 checkpointing and bf16, measured side by side in one command; and the peak memory of loading a released-layout file.
 
-Every measurement runs in a process of its own, one thread: peak memory is the child's max RSS on the CPU
-(torch.cuda.max_memory_allocated on a GPU), the step time its process CPU time per step (wall time on a GPU) after
+Every measurement runs in a process of its own, one thread: peak memory is the child's peak RSS on the CPU (VmHWM,
+which unlike ru_maxrss does not inherit the parent's high-water mark; torch.cuda.max_memory_allocated on a GPU), the step time its process CPU time per step (wall time on a GPU) after
 one warm-up step. A step: batch 1 of latents at the resolution, 333 text tokens (77 CLIP + 256 T5, 4096 wide) and a
 pooled vector, forward under bf16 autocast, MSE loss, backward, AdamW over the trainable parameters. LoRA: frozen
 base in bf16, adapters in float32 (rank 16, alpha 16) on the attention projections of both streams (and MMDiT-X's
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +42,14 @@ SHAPES = {  # the released models' transformer configs (rectflow.models.MMDiT ar
 CONTEXT_TOKENS = 333
 RANK = 16
 DIFFUSERS_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def rss(field: str = "VmHWM") -> int:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory in bytes, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def shape_config(name: str, depth: int | None) -> dict:
@@ -144,7 +151,7 @@ def worker(spec: dict) -> dict:
     if gpu:
         torch.cuda.synchronize()
     seconds = (clock() - t0) / spec["steps"]
-    peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if gpu else rss()
     return {**spec, "sec_per_step": seconds, "peak_bytes": peak,
             "params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params)}
 
@@ -152,14 +159,16 @@ def worker(spec: dict) -> dict:
 def load_worker(spec: dict) -> dict:
     """Peak memory of MMDiT.from_single_file on a released-layout file, against the file's size."""
     from rectflow.models import MMDiT
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = rss("VmRSS")
     t0 = time.perf_counter()
     model = MMDiT.from_single_file(spec["file"])
+    with torch.no_grad():  # touch every weight: memory-mapped pages count once they are read
+        checksum = sum(float(p.float().sum()) for p in model.parameters())
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = rss()
     size = os.path.getsize(spec["file"])
     return {"file": spec["file"], "file_bytes": size, "peak_bytes": peak, "before_bytes": before,
-            "ratio": (peak - before) / size, "seconds": seconds,
+            "ratio": (peak - before) / size, "seconds": seconds, "checksum": checksum,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -208,6 +217,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step-worker", help=argparse.SUPPRESS)
     ap.add_argument("--load-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--write-file", help=argparse.SUPPRESS)
     ap.add_argument("--shapes", nargs="+", default=["sd3-medium", "sd3.5-medium"], choices=sorted(SHAPES))
     ap.add_argument("--modes", nargs="+", default=["lora"], choices=["lora", "full"])
     ap.add_argument("--resolutions", nargs="+", type=int, default=[512])
@@ -227,6 +237,9 @@ def main() -> None:
     if args.load_worker:
         print(json.dumps(load_worker(json.loads(args.load_worker))))
         return
+    if args.write_file:
+        write_released(Path(args.write_file), "sd3.5-medium")
+        return
     if args.quick:
         args.shapes, args.resolutions, args.steps = ["tiny"], [256], 1
     device = "cuda:0" if args.gpu else "cpu"
@@ -244,9 +257,9 @@ def main() -> None:
     result = {"steps": rows}
     if args.load:
         path = Path(args.load_file)
-        if not path.is_file():
+        if not path.is_file():  # in a child: this process's memory stays small
             print(f"... writing {path}", file=sys.stderr, flush=True)
-            write_released(path, "sd3.5-medium")
+            subprocess.run([sys.executable, __file__, "--write-file", str(path)], check=True)
         load = run_child({"file": str(path)}, kind="load")
         result["load"] = load
         if "error" in load:

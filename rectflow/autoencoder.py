@@ -40,6 +40,9 @@ class Autoencoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def release_encoder(self) -> None:
+        """Free the encoding half once every latent is cached (training then only decodes, for sample grids)."""
+
     def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
         """(channels, h, w) of the latents of a height x width image."""
         width = height if width is None else width
@@ -90,8 +93,13 @@ class SD3VAE(Autoencoder):
         vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, **kwargs)
         return cls(vae, spec=f"sd3-vae:{path.resolve()}")
 
+    def release_encoder(self) -> None:
+        self.vae.encoder, self.vae.quant_conv = None, None
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> (posterior mean - shift) * scale, float32."""
+        if self.vae.encoder is None:
+            raise RuntimeError(f"{self.spec}: the encoder was released after the latents were cached")
         mean = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
         return ((mean.float() - self.shift) * self.scale)
 
@@ -148,8 +156,13 @@ class SmallAE(Autoencoder):
         """Constructor arguments (stored with the weights)."""
         return {"channels": self.channels, "factor": self.factor, "width": self.width}
 
+    def release_encoder(self) -> None:
+        self.encoder = None
+
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised posterior (mean, log-variance), log-variance clamped for stability."""
+        if self.encoder is None:
+            raise RuntimeError(f"{self.spec}: the encoder was released after the latents were cached")
         mean, logvar = self.encoder(images).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 

@@ -68,6 +68,8 @@ class TrainConfig:
     patch_size: int = _f(4, "side of the square patches cut from the latent (the paper uses 2 on 32x32 latents)")
     qk_norm: str = _f("rms", "normalisation of queries and keys per head (docs/paper.md §4)", ("none", "rms", "ln"))
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass (less memory, slower)")
+    instance_prompt: str | None = _f(None, "the caption of every folder image that has none (DreamBooth style, e.g. "
+                                           "'a photo of sks dog'); null: such images train with the empty caption")
     buckets: bool = _f(False, "aspect-ratio buckets (folders of images): each image keeps about its shape at "
                               "about resolution^2 pixels, sides multiples of patch x autoencoder factor, aspect "
                               "ratios up to data_options.max_ratio (default 2); batches come from one bucket")
@@ -125,6 +127,14 @@ class TrainConfig:
     sample_steps: int = _f(25, "solver steps of the sample grids", resume=True)
     sample_solver: str = _f("euler", "solver of the sample grids", ("euler", "heun", "dpmpp_2m"), resume=True)
     sample_cfg: float = _f(3.0, "classifier-free guidance scale of the sample grids", resume=True)
+    val_every: int = _f(0, "validation loss at docs/paper.md §3's 8 t levels on val_size held-out images (EMA "
+                           "weights) every N steps and at the end, logged as val_loss; 0: never", resume=True)
+    val_size: int = _f(64, "validation images of the validation loss (the first of the data set's val split)",
+                       resume=True)
+    release_encoders: bool | None = _f(None, "once a finite data set's text features and latents are all computed, "
+                                             "free the text encoders and the autoencoder's encoder before training; "
+                                             "null: when the text encoders are large (over 100M parameters: SD3's)",
+                                       resume=True)
     cache_dir: str | None = _f(None, "folder for cached text features (one file per caption) and latents, shareable "
                                      "between runs; null: text features in memory only, latents in <run>/cache",
                                  resume=True)
@@ -137,11 +147,11 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ValueError(f"config key {f.name!r}: expected one of {list(choices)}, got {value!r}")
         positive = ["resolution", "depth", "patch_size", "batch_size", "grad_accum", "ema_every", "max_bad_steps",
-                    "keep_last", "log_every", "sample_steps"]
+                    "keep_last", "log_every", "sample_steps", "val_size"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r}: expected a positive integer, got {getattr(self, name)!r}")
-        for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "grad_clip", "min_lr",
+        for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "val_every", "grad_clip", "min_lr",
                      "weight_decay", "shift"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")

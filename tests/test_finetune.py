@@ -105,3 +105,24 @@ def test_fine_tuning_errors_name_the_problem(sd3, tmp_path, capsys):
     assert "config key 'init'" in capsys.readouterr().err
     assert train(sd3, tmp_path / "e", "--lora", "2", "--no-bf16", "--frozen-dtype", "bf16") == 2
     assert "bf16 base weights need bf16 autocast" in capsys.readouterr().err
+
+
+def test_encoders_are_released_after_caching_and_grids_and_validation_still_work(sd3, tmp_path):
+    from rectflow.training.loop import Trainer
+    from rectflow.training.cli import add_arguments, config_from_args
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--init", str(sd3.released), "--text-encoder", sd3.text_encoder, "--autoencoder",
+                              sd3.autoencoder, "--data", "emoji", "--set", "data_options.subset=single",
+                              "--resolution", "32", "--batch-size", "2", "--max-steps", "2", "--lora", "2",
+                              "--sample-every", "2", "--sample-steps", "2", "--val-every", "2", "--val-size", "4",
+                              "--release-encoders", "--out", str(tmp_path / "run")])
+    trainer = Trainer(config_from_args(args), tmp_path / "run")
+    assert trainer.text.encoder is None and trainer.autoencoder.vae.encoder is None
+    trainer.fit()
+    rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert len(rec["val_loss_t"]) == 8 and rec["val_loss"] > 0
+    assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
+    with pytest.raises(RuntimeError, match="text encoder was released"):
+        trainer.text.encode(["a caption nobody prepared"])

@@ -21,7 +21,7 @@ def get_dataset(name: str, resolution: int, split: str = "train", seed: int = 0,
 
     seed selects the endless shapes training stream; emoji and folders are fixed lists (a loader shuffles them),
     and every validation split is fixed. Keyword options go to the data set: shapes (categories, val_size),
-    emoji (subset, path), folders (crop, hflip, val_every).
+    emoji (subset, path), folders (crop, hflip, val_every, buckets, max_ratio, default_caption).
     """
     if name == "shapes":
         return ShapesDataset(resolution, split, seed=seed, **kw)

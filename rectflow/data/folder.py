@@ -195,12 +195,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     buckets=m: aspect-ratio buckets instead (rectflow.data.buckets): each image goes to the bucket of about
     resolution^2 pixels, sides multiples of m, nearest its aspect ratio (up to max_ratio), and is resized and
-    centre-cropped to it; .bucket_sides and .bucket_of (per item) say which.
+    centre-cropped to it; .bucket_sides and .bucket_of (per item) say which. default_caption: the caption of
+    images without one (DreamBooth's instance prompt); else they train unconditionally.
     """
 
     def __init__(self, root: str | Path, resolution: int = 32, split: str = "train", crop: str = "center",
                  hflip: bool = False, val_every: int = 20, buckets: int | None = None,
-                 max_ratio: float = MAX_RATIO):
+                 max_ratio: float = MAX_RATIO, default_caption: str = ""):
         if split not in ("train", "val"):
             raise ValueError(f"folder split must be 'train' or 'val', got {split!r}")
         if crop not in CROPS:
@@ -215,6 +216,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                        key=lambda p: p.relative_to(folder).as_posix())
         if not dedicated:
             files = [p for i, p in enumerate(files) if (i % val_every == val_every - 1) == (split == "val")]
+        self.default_caption = default_caption
         self.paths, self.captions, self.sizes, self.skipped, self.counts = [], [], [], [], Counter()
         self._scan(files, folder)
         if not self.paths:
@@ -241,9 +243,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if caption is None:
                 caption = sidecar_caption(path)
             if caption is None:
-                self.counts["no caption"] += 1
+                self.counts["no caption" + (" (default caption used)" if self.default_caption else "")] += 1
             self.paths.append(path)
-            self.captions.append(caption or "")
+            self.captions.append(self.default_caption if caption is None else caption)
             self.sizes.append(image.size)
         if bad_lines:  # the total, then each reason
             self.counts["bad metadata lines"] = sum(bad_lines.values())

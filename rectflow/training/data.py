@@ -11,7 +11,7 @@ import torch
 from rectflow.autoencoder import Identity
 from rectflow.config import TrainConfig
 from rectflow.data import get_dataset
-from rectflow.text import CachedTextEncoder, load_text_encoder
+from rectflow.text import CachedTextEncoder, drop_parts, load_text_encoder
 from rectflow.training import distributed
 from rectflow.training.cache import LatentCache, autoencoder_identity
 from rectflow.training.randomness import generator_for
@@ -66,16 +66,24 @@ class TextFeatures:
                 self.table[c] = (context[i].cpu(), pooled[i].cpu())
         return True
 
+    def release(self) -> None:
+        """Drop the encoder once the table holds every caption the run needs (T5-XXL alone is ~9.5 GB in bf16)."""
+        self.encoder = None
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B,L,Dc], pooled [B,Dp]) for the captions (on the CPU)."""
+        missing = [c for c in captions if c not in self.table]
+        if missing and self.encoder is None:
+            raise RuntimeError(f"the text encoder was released, and {missing[0]!r} is not among the precomputed "
+                               f"captions (set release_encoders: false)")
         pairs = [self.table[c] if c in self.table else tuple(t[0].cpu() for t in self.encoder.encode([c]))
                  for c in captions]
         return torch.stack([c for c, _ in pairs]), torch.stack([p for _, p in pairs])
 
     def drop(self, context, pooled, p, generator=None):
-        """Per-encoder dropout (the wrapped encoder's)."""
-        return self.encoder.drop(context, pooled, p, generator=generator)
+        """Per-encoder dropout (rectflow.text.drop_parts over the encoder's parts)."""
+        return drop_parts(self.parts, context, pooled, p, generator)
 
 
 def all_captions(dataset) -> list[str]:
@@ -204,12 +212,20 @@ def is_identity(autoencoder) -> bool:
     return isinstance(autoencoder, Identity)
 
 
+def data_options(cfg: TrainConfig) -> dict:
+    """The data set's options of a config: data_options, and instance_prompt as the folder's default caption."""
+    options = dict(cfg.data_options)
+    if cfg.instance_prompt is not None:
+        options["default_caption"] = cfg.instance_prompt
+    return options
+
+
 def default_prompts(cfg: TrainConfig, n: int = 8) -> list[str]:
     """Fixed prompts for sample grids: the first distinct captions of the data set's validation split."""
     try:
-        ds = get_dataset(cfg.data, cfg.resolution, split="val", seed=0, **cfg.data_options)
+        ds = get_dataset(cfg.data, cfg.resolution, split="val", seed=0, **data_options(cfg))
     except (ValueError, KeyError, FileNotFoundError):
-        ds = get_dataset(cfg.data, cfg.resolution, split="train", seed=0, **cfg.data_options)
+        ds = get_dataset(cfg.data, cfg.resolution, split="train", seed=0, **data_options(cfg))
     prompts: list[str] = []
     for i in range(min(len(ds), 50 * n)):
         c = ds[i]["caption"]

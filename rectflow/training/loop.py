@@ -31,6 +31,7 @@ from rectflow.autoencoder import load_autoencoder
 from rectflow.config import TrainConfig
 from rectflow.data import get_dataset
 from rectflow.devices import resolve_device
+from rectflow.evaluate.val_loss import validation_inputs, validation_loss
 from rectflow.files import write_text_atomic
 from rectflow.flow import Formulation
 from rectflow.images import save_images
@@ -38,7 +39,8 @@ from rectflow.runs import CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkp
 from rectflow.sample import Pipeline, generate
 from rectflow.training import distributed
 from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
-from rectflow.training.data import ENDLESS, Batches, TextFeatures, all_captions, default_prompts, frozen_text_encoder
+from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions, data_options, default_prompts,
+                                    frozen_text_encoder, is_identity)
 from rectflow.training.finetune import LoRATraining, attach_lora, check_fits, load_init
 from rectflow.training.model import build_model, compute_loss, context_splits
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
@@ -95,7 +97,8 @@ class Trainer:
         self.opt = make_optimizer(self.trainable, cfg)
         self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
         self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
-        self._writer = None
+        self._writer, self._val = None, None  # the validation inputs: prepared at the first validation
+        self._release_encoders()
         if resume:
             self._resume(from_last_good)
 
@@ -111,15 +114,16 @@ class Trainer:
 
     def _dataset(self):
         """The training split, in aspect-ratio buckets with sides of whole patches when cfg.buckets."""
-        cfg, options = self.cfg, dict(self.cfg.data_options)
+        cfg, options = self.cfg, data_options(self.cfg)
         if cfg.buckets:
             options["buckets"] = self.autoencoder.factor * self.patch
         try:
             return get_dataset(cfg.data, cfg.resolution, split="train", seed=cfg.seed, **options)
         except TypeError as err:  # an option the data set does not take
-            if cfg.buckets and "buckets" in str(err):
-                raise ValueError(f"config key 'buckets': {cfg.data!r} has square images only; aspect-ratio buckets "
-                                 f"are for folders of images") from None
+            for key, option in (("buckets", "buckets"), ("instance_prompt", "default_caption")):
+                if option in str(err):
+                    raise ValueError(f"config key {key!r}: {cfg.data!r} is a built-in data set; {key} is for folders "
+                                     f"of images") from None
             raise ValueError(f"config key 'data_options': {err}") from None
 
     def _build_model(self, side: int) -> None:
@@ -140,6 +144,25 @@ class Trainer:
             self.lora, self.ema = LoRATraining(self.model, self.init.path), None
         else:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _release_encoders(self) -> None:
+        """Free the text encoders and the autoencoder's encoder when nothing will need them: every caption of a
+        finite data set encoded, its latents cached, and the sample prompts (with CFG's "") and validation inputs
+        prepared first (release_encoders; null: for encoders over 100M parameters)."""
+        cfg, text = self.cfg, self.text
+        wanted = cfg.release_encoders
+        if wanted is None:
+            wanted = sum(p.numel() for p in text.encoder.encoder.parameters()) > 100e6
+        finite = len(self.dataset) < ENDLESS and all(c in text.table for c in all_captions(self.dataset))
+        if not wanted or not finite or (self.batches.cache is None and not is_identity(self.autoencoder)):
+            return
+        if self.ctx.is_main:
+            text.prepare(self.prompts + [""])
+            if cfg.val_every:
+                self.validation_inputs()
+        text.release()
+        frozen_text_encoder.cache_clear()
+        self.autoencoder.release_encoder()
 
     # ---- persistence
 
@@ -264,11 +287,40 @@ class Trainer:
         self._metrics = open(path, "a", buffering=1)
         self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
 
+    def _weights(self):
+        """The EMA weights as a model (a LoRA run: the model with its EMA adapters swapped in, restored after)."""
+        return self.lora.ema_weights() if self.lora is not None else contextlib.nullcontext(self.ema)
+
+    def validation_inputs(self) -> tuple:
+        """(latents, context, pooled) of the validation images, prepared once; () when there is no val split."""
+        if self._val is None:
+            try:
+                ds = get_dataset(self.cfg.data, self.cfg.resolution, split="val", seed=0, **data_options(self.cfg))
+                self._val = validation_inputs(ds, self.cfg.val_size, self.text, self.autoencoder, self.device)
+            except (ValueError, FileNotFoundError) as err:
+                print(f"rectflow train: no validation loss ({err})", file=sys.stderr)
+                self._val = ()
+        return self._val
+
+    def validation(self) -> dict:
+        """The validation loss of the EMA weights at the 8 t levels (rectflow.evaluate.val_loss), on the first
+        val_size images of the data set's validation split (square, whatever the buckets); {} without one."""
+        if not self.validation_inputs():
+            return {}
+        with self._weights() as net:
+            was_training = net.training
+            result = validation_loss(net.eval(), self.formulation, *self._val, seed=self.cfg.seed, bf16=self.cfg.bf16)
+            net.train(was_training)
+        for t, loss in zip(result["t"], result["loss"]):
+            self._writer.add_scalar(f"val/loss_t{t:.4f}", loss, self.step)
+        self._writer.add_scalar("val/loss", result["mean"], self.step)
+        return {"val_loss": result["mean"], "val_loss_t": result["loss"]}
+
     def write_samples(self) -> Path:
         """A captioned grid of the fixed prompts from the EMA weights (rank 0), in samples/ and TensorBoard."""
         settings = {"steps": self.cfg.sample_steps, "solver": self.cfg.sample_solver, "cfg_scale": self.cfg.sample_cfg,
                     "shift": self.cfg.shift, "seed": self.cfg.seed}
-        with self.lora.ema_weights() if self.lora is not None else contextlib.nullcontext(self.ema) as net:
+        with self._weights() as net:
             was_training = net.training
             pipe = Pipeline(net.eval(), self.formulation, self.text, self.autoencoder, self.cfg.resolution,
                             self.cfg.to_dict(), source=str(self.run_dir), uncond_prompt=self.uncond_prompt)
@@ -301,6 +353,8 @@ class Trainer:
                 window = (window + [dt])[-cfg.log_every:]
                 metrics["img_per_s"] = cfg.batch_size / dt
                 metrics["time"] = time.perf_counter() - start
+                if main and cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
+                    metrics.update(self.validation())  # after the timing: img_per_s stays the training speed
                 bar.update(1)
                 if main:
                     self._log(metrics, bar, window)
