@@ -35,9 +35,9 @@ from rectflow.models.layers import (
 )
 from rectflow.models.released import CheckpointError, check_state_dict, infer_config, metadata_config, read_released
 
-# bf16 CPU attention with at most this many scores per head (L_q * L_k) uses two matmuls instead of SDPA (see
-# attention()); above it the score matrices would cost more memory than the speed is worth.
-MATMUL_ATTENTION_MAX = 1 << 20
+# bf16 CPU attention with at most this many scores per head (L_q * L_k, ~724^2) uses two matmuls instead of SDPA (see
+# attention()); above it PyTorch's flash kernel is faster (1.3-1.4x at L = 1024, 3-24 heads) and needs less memory.
+MATMUL_ATTENTION_MAX = 1 << 19
 
 CONFIG_KEYS = (
     "depth", "hidden_size", "num_heads", "patch_size", "in_channels", "out_channels", "context_dim", "pooled_dim",
@@ -86,8 +86,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """Multi-head attention of q, k, v [B, L, H, D] -> [B, L, H * D] over [B, H, L, D] views, no loop over heads.
 
     F.scaled_dot_product_attention, except for bf16 on the CPU with up to MATMUL_ATTENTION_MAX scores per head: there
-    PyTorch's CPU flash kernel is 1.5-3x slower (forward + backward, measured at L 96-1056, D 64) than two bf16
-    matmuls around a softmax, which are used instead. Their scores are rounded to bf16 before the softmax (as in
+    PyTorch's CPU flash kernel is 1.3-3x slower (forward + backward, measured at L 96-512, D 64, 3-24 heads) than two
+    bf16 matmuls around a softmax, which are used instead. Their scores are rounded to bf16 before the softmax (as in
     pre-flash autocast attention); against an fp64 reference the error stays at bf16 level (RMS 0.5-1.1% of the
     output's std, vs 0.4-0.5% for the flash kernel and 0.3-0.5% from rounding the inputs alone).
     """
