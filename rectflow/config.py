@@ -131,6 +131,9 @@ class TrainConfig:
                            "weights) every N steps and at the end, logged as val_loss; 0: never", resume=True)
     val_size: int = _f(64, "validation images of the validation loss (the first of the data set's val split)",
                        resume=True)
+    workers: int = _f(0, "DataLoader worker processes decoding images ahead of the steps (uncached data: pixel "
+                         "space or endless data sets; cached latents are read directly); 0: in the training process",
+                      resume=True)
     release_encoders: bool | None = _f(None, "once a finite data set's text features and latents are all computed, "
                                              "free the text encoders and the autoencoder's encoder before training; "
                                              "null: when the text encoders are large (over 100M parameters: SD3's)",
@@ -151,8 +154,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r}: expected a positive integer, got {getattr(self, name)!r}")
-        for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "val_every", "grad_clip", "min_lr",
-                     "weight_decay", "shift"]:
+        for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "val_every", "workers",
+                     "grad_clip", "min_lr", "weight_decay", "shift"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):

@@ -278,7 +278,8 @@ def run(args) -> int:
         device = resolve_device(args.device)
         pipe = load_pipeline(args.run, args.checkpoint, args.weights, device, args.formulation, args.text_encoder,
                              args.autoencoder, args.resolution, loras=args.lora)
-        released = not pipe.train_config
+        # released models and fine-tunes of them (whose CFG branch is the empty prompt) sample as released
+        released = not pipe.train_config or pipe.uncond_prompt == ""
         shift = args.shift if args.shift is not None else (
             DEFAULTS_FOR_RELEASED["shift"] if released else pipe.train_config.get("shift", 1.0))
         schedule = args.schedule or (DEFAULTS_FOR_RELEASED["schedule"] if released else "linear")

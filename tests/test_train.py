@@ -576,3 +576,15 @@ def test_resume_changeable_fields_are_declared_on_the_fields():
     assert {"max_steps", "checkpoint_every", "device", "cache_dir"} <= RESUME_CHANGEABLE
     assert not {"lr", "seed", "batch_size", "formulation", "data"} & RESUME_CHANGEABLE
     assert RESUME_CHANGEABLE == {n for n, f in FIELDS.items() if f.metadata["resume"]}
+
+
+@pytest.mark.slow  # loader worker processes
+def test_loader_workers_give_the_same_run_and_resume_exactly(tmp_path):
+    base = dict(max_steps=4, checkpoint_every=2, lr_schedule="constant")
+    train_mod.train(tiny(**base), tmp_path / "plain")
+    first = train_mod.Trainer(tiny(**{**base, "workers": 2, "max_steps": 2}), tmp_path / "workers")
+    first.fit()
+    second = train_mod.Trainer(tiny(**base, workers=2), tmp_path / "workers", resume=True)
+    second.fit()
+    assert first.batches.from_workers == 2 and second.batches.from_workers == 2  # every batch came from the loader
+    assert losses(tmp_path / "workers") == losses(tmp_path / "plain")

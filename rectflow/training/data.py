@@ -186,14 +186,35 @@ class Batches:
                 out[j] = latent
         return out
 
+    def start_workers(self, workers: int, start: int, stop: int, micro: int, world: int, rank: int, accum: int):
+        """Decode images in `workers` DataLoader processes ahead of the steps start..stop-1 (uncached data only:
+        cached latents are read directly)."""
+        self.loader, self.from_workers = None, 0
+        if workers > 0 and self.cache is None and start < stop:
+            sampler = StepSampler(self, start, stop, micro, world, rank, accum)
+            self.loader = iter(torch.utils.data.DataLoader(_Indexed(self.dataset), batch_sampler=sampler,
+                                                           num_workers=workers, collate_fn=_collate,
+                                                           prefetch_factor=4))
+
+    def _images(self, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+        """Images and captions of the indices: the loader's next batch when it is the one asked for, else read
+        here."""
+        if getattr(self, "loader", None) is not None:
+            got, images, captions = next(self.loader, (None, None, None))
+            if got == indices:
+                self.from_workers += 1
+                return images, captions
+            self.loader = None  # out of step (a caller asked for other items): read directly from now on
+        items = [self.dataset[i] for i in indices]
+        return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
     def load(self, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
         """x0 (latents, on the device) and captions of the given data-set indices."""
         if self.cache is not None:
             captions = [self._caption(i) for i in indices]
             return self.cache.get(indices).to(self.device), captions
-        items = [self.dataset[i] for i in indices]
-        captions = [it["caption"] for it in items]
-        images = torch.stack([it["image"] for it in items]).to(self.device)
+        images, captions = self._images(indices)
+        images = images.to(self.device)
         if is_identity(self.ae):
             return images, captions
         with torch.no_grad():
@@ -205,6 +226,45 @@ class Batches:
         if isinstance(captions, list) and len(captions) == self.n:
             return captions[i]
         return self.dataset[i]["caption"]
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """A data set whose items carry their index (so a loader's output can be checked against the step's indices)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return i, item["image"], item["caption"]
+
+
+def _collate(items):
+    indices, images, captions = zip(*items)
+    return list(indices), torch.stack(images), list(captions)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """The index lists one rank loads, in training order from `start`: each step's grad_accum micro-batch slices of
+    this rank (rectflow.training.loop.Trainer.train_step's order), so loader workers prefetch exactly what comes
+    next and a resumed run starts at its step."""
+
+    def __init__(self, batches: "Batches", start: int, stop: int, micro: int, world: int, rank: int, accum: int):
+        self.batches, self.start, self.stop = batches, start, stop
+        self.micro, self.world, self.rank, self.accum = micro, world, rank, accum
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            indices = self.batches.indices(step)
+            for a in range(self.accum):
+                lo = (a * self.world + self.rank) * self.micro
+                yield indices[lo:lo + self.micro]
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
 
 
 def is_identity(autoencoder) -> bool:

@@ -36,7 +36,7 @@ from rectflow.files import write_text_atomic
 from rectflow.flow import Formulation
 from rectflow.images import save_images
 from rectflow.runs import CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkpoint_root, clean_temp, find_checkpoint
-from rectflow.sample import Pipeline, generate
+from rectflow.sample import DEFAULTS_FOR_RELEASED, Pipeline, generate
 from rectflow.training import distributed
 from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
 from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions, data_options, default_prompts,
@@ -320,6 +320,8 @@ class Trainer:
         """A captioned grid of the fixed prompts from the EMA weights (rank 0), in samples/ and TensorBoard."""
         settings = {"steps": self.cfg.sample_steps, "solver": self.cfg.sample_solver, "cfg_scale": self.cfg.sample_cfg,
                     "shift": self.cfg.shift, "seed": self.cfg.seed}
+        if self.uncond_prompt == "":  # a fine-tune of a released model: its sampler settings (docs/paper.md §6)
+            settings.update(shift=DEFAULTS_FOR_RELEASED["shift"], schedule=DEFAULTS_FOR_RELEASED["schedule"])
         with self._weights() as net:
             was_training = net.training
             pipe = Pipeline(net.eval(), self.formulation, self.text, self.autoencoder, self.cfg.resolution,
@@ -343,6 +345,8 @@ class Trainer:
             clean_temp(checkpoint_root(self.run_dir))
             cfg.save(self.run_dir / CONFIG)
             self._open_logs()
+        self.batches.start_workers(cfg.workers, self.step, cfg.max_steps, self.micro, self.ctx.world_size,
+                                   self.ctx.rank, cfg.grad_accum)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         start, window = time.perf_counter(), []
         try:
