@@ -8,6 +8,7 @@ and ComfyUI read a run's checkpoint directly); their headers name the base weigh
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,30 +51,70 @@ def file_metadata(path: Path) -> dict[str, str]:
     return {}
 
 
+INIT_SHAPE_KEYS = ("patch_size", "in_channels", "context_dim", "pooled_dim")
+# released-layout weight -> (axis -> shape key) for reading an init's shapes off a header
+SHAPE_OF = {"x_embedder.proj.weight": {1: "in_channels", 3: "patch_size"}, "context_embedder.weight": {1: "context_dim"},
+            "y_embedder.mlp.0.weight": {1: "pooled_dim"}}
+DIFFUSERS_SHAPE_KEYS = {"patch_size": "patch_size", "in_channels": "in_channels", "context_dim": "joint_attention_dim",
+                        "pooled_dim": "pooled_projection_dim"}
+
+
+def init_shapes(path: Path) -> dict:
+    """The init weights' patch size and input widths (patch_size, in_channels, context_dim, pooled_dim), read from
+    the file's header or config alone: they are checked before the (long) caching, and the weights are loaded after
+    the text encoders are released, so both are never in memory together."""
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "transformer"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"config key 'init': {path} is a folder without config.json (nor "
+                                    f"transformer/config.json): not a diffusers model or run")
+        config = json.loads((folder / "config.json").read_text())
+        if "_rectflow_config" in config:
+            return {k: config["_rectflow_config"][k] for k in INIT_SHAPE_KEYS}
+        return {k: config[d] for k, d in DIFFUSERS_SHAPE_KEYS.items()}
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"config key 'init': {path} is not a .safetensors file; convert a pickle first "
+                         f"(rectflow convert {path} OUT.safetensors --allow-pickle)")
+    header = check_safetensors(path)
+    meta = header.get("__metadata__") or {}
+    if BASE_KEY in meta:  # a LoRA run's weights: its base's
+        return init_shapes(Path(meta[BASE_KEY]))
+    if "config" in meta:
+        config = json.loads(meta["config"])
+        if all(k in config for k in INIT_SHAPE_KEYS):
+            return {k: config[k] for k in INIT_SHAPE_KEYS}
+    out = {}
+    for key, entry in header.items():
+        for suffix, axes in SHAPE_OF.items():
+            if key.endswith(suffix):
+                out.update({name: entry["shape"][axis] for axis, name in axes.items()})
+    if set(out) != set(INIT_SHAPE_KEYS):
+        raise ValueError(f"config key 'init': {path} holds no MM-DiT (no x_embedder / context_embedder / y_embedder "
+                         f"weights)")
+    return out
+
+
 def load_init(spec: str) -> Init:
     """The model `init` names, in float32 (a LoRA run's weights: its base with the LoRA merged); frozen parts are
     cast later (attach_lora)."""
     path = init_weights_path(spec)
-    if path.is_file() and path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-        raise ValueError(f"config key 'init': {path} is a pickle; convert it to safetensors first "
-                         f"(rectflow convert {path} OUT.safetensors --allow-pickle)")
+    init_shapes(path)  # the same checks, before any weight is read
     model = load_model(path).float()
     return Init(model, path.resolve(), uncond_prompt_of(file_metadata(path)))
 
 
-def check_fits(model: torch.nn.Module, text, autoencoder, latent_side: int, source) -> None:
-    """The init model must take the configured text features and latents."""
-    mc = model.config
-    if (mc["context_dim"], mc["pooled_dim"]) != (text.context_dim, text.pooled_dim):
-        raise ValueError(f"config key 'init': {source} expects context/pooled widths {mc['context_dim']}/"
-                         f"{mc['pooled_dim']}, text_encoder {text.spec if hasattr(text, 'spec') else ''} gives "
-                         f"{text.context_dim}/{text.pooled_dim}; set text_encoder to the model's encoders")
-    if mc["in_channels"] != autoencoder.channels:
-        raise ValueError(f"config key 'init': {source} takes {mc['in_channels']}-channel latents, autoencoder gives "
-                         f"{autoencoder.channels}; set autoencoder to the model's (e.g. sd3-vae:DIR)")
-    if latent_side % mc["patch_size"]:
+def check_fits(shapes: dict, text, autoencoder, latent_side: int, source) -> None:
+    """The init model (its init_shapes) must take the configured text features and latents."""
+    if (shapes["context_dim"], shapes["pooled_dim"]) != (text.context_dim, text.pooled_dim):
+        raise ValueError(f"config key 'init': {source} expects context/pooled widths {shapes['context_dim']}/"
+                         f"{shapes['pooled_dim']}, the text_encoder gives {text.context_dim}/{text.pooled_dim}; set "
+                         f"text_encoder to the model's encoders (e.g. sd3:PIPELINE_DIR)")
+    if shapes["in_channels"] != autoencoder.channels:
+        raise ValueError(f"config key 'init': {source} takes {shapes['in_channels']}-channel latents, the autoencoder "
+                         f"gives {autoencoder.channels}; set autoencoder to the model's (e.g. sd3-vae:DIR)")
+    if latent_side % shapes["patch_size"]:
         raise ValueError(f"config key 'resolution': the latent side {latent_side} is not a multiple of the model's "
-                         f"patch size {mc['patch_size']}")
+                         f"patch size {shapes['patch_size']}")
 
 
 def attach_lora(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:

@@ -41,7 +41,8 @@ from rectflow.training import distributed
 from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
 from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions, data_options, default_prompts,
                                     frozen_text_encoder, is_identity)
-from rectflow.training.finetune import LoRATraining, attach_lora, check_fits, load_init
+from rectflow.training.finetune import (LoRATraining, attach_lora, check_fits, init_shapes, init_weights_path,
+                                        load_init)
 from rectflow.training.model import build_model, compute_loss, context_splits
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from rectflow.training.randomness import generator_for, rng_states, seed_for, set_rng_states
@@ -75,16 +76,24 @@ class Trainer:
         self.autoencoder = load_autoencoder(cfg.autoencoder).to(self.device).eval()
         self.text = TextFeatures(frozen_text_encoder(cfg.text_encoder, self.device), text_cache)
         self.text_drop = cfg.effective_text_drop(len(self.text.encoder_names))  # null: automatic, per encoder count
-        # an init model is read first: its patch size sets the latent grid (and the bucket sides)
-        self.init, self.lora = (load_init(cfg.init) if cfg.init else None), None
-        self.patch = self.init.model.config.get("patch_size", 1) if self.init else cfg.patch_size
+        # an init model's patch size (from its header) sets the latent grid and the bucket sides; its weights are
+        # loaded after the text encoders are released (_release_encoders), so both are never in memory together
+        self.init, self.lora = None, None
+        init_path = init_weights_path(cfg.init) if cfg.init else None
+        shapes = init_shapes(init_path) if cfg.init else None
+        self.patch = shapes["patch_size"] if cfg.init else cfg.patch_size
         side = self._latent_side()
+        if cfg.init:
+            check_fits(shapes, self.text, self.autoencoder, side, init_path)
         self.latent_shape = (self.autoencoder.channels, side, side)
         self.dataset = self._dataset()
         self.batches = Batches(self.dataset, cfg, self.autoencoder, self.device, self.cache_dir, self.ctx)
         if len(self.dataset) < ENDLESS and not self.text.prepare(all_captions(self.dataset)):
             print(f"rectflow train: the {len(self.dataset)} captions' text features do not fit in memory; encoding "
                   f"them as they come (set cache_dir to keep them on disk)", file=sys.stderr)
+        self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
+        self._val = None  # the validation inputs: prepared at the first validation
+        self._release_encoders()
         torch.manual_seed(cfg.seed)
         self._build_model(side)
         self.net = self.model
@@ -96,9 +105,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.trainable, cfg)
         self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
-        self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
-        self._writer, self._val = None, None  # the validation inputs: prepared at the first validation
-        self._release_encoders()
+        self._writer = None
         if resume:
             self._resume(from_last_good)
 
@@ -129,12 +136,12 @@ class Trainer:
     def _build_model(self, side: int) -> None:
         """The network (new, or the init weights with a LoRA attached) and its EMA (of the LoRA only)."""
         cfg = self.cfg
+        self.init = load_init(cfg.init) if cfg.init else None
         if self.init is None:
             self.model = build_model(cfg, self.autoencoder.channels, side, self.text.context_dim,
                                      self.text.pooled_dim, context_splits(self.text))
         else:
             self.model = self.init.model
-            check_fits(self.model, self.text, self.autoencoder, side, self.init.path)
             self.model.gradient_checkpointing = cfg.grad_checkpointing
         self.uncond_prompt = self.init.uncond_prompt if self.init else None
         if cfg.lora:
