@@ -3,7 +3,8 @@ MM-DiT with rectflow.lora against diffusers' SD3Transformer2DModel with peft, th
 checkpointing and bf16, measured side by side in one command; and the peak memory of loading a released-layout file.
 
 Every measurement runs in a process of its own, one thread: peak memory is the child's peak RSS on the CPU (VmHWM,
-which unlike ru_maxrss does not inherit the parent's high-water mark; torch.cuda.max_memory_allocated on a GPU), the step time its process CPU time per step (wall time on a GPU) after
+which unlike ru_maxrss does not inherit the parent's high-water mark; torch.cuda.max_memory_allocated on a GPU), the
+step time its process CPU time per step (wall time on a GPU) after
 one warm-up step. A step: batch 1 of latents at the resolution, 333 text tokens (77 CLIP + 256 T5, 4096 wide) and a
 pooled vector, forward under bf16 autocast, MSE loss, backward, AdamW over the trainable parameters. LoRA: frozen
 base in bf16, adapters in float32 (rank 16, alpha 16) on the attention projections of both streams (and MMDiT-X's

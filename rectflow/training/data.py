@@ -117,7 +117,8 @@ def _epoch_batches(seed: int, epoch: int, batch_size: int, groups: tuple[tuple[i
     from the bucket's start), all of them in a shuffled order."""
     batches = []
     for b, members in enumerate(groups):
-        perm = [members[int(i)] for i in torch.randperm(len(members), generator=generator_for(seed, epoch, "bucket", b))]
+        order = torch.randperm(len(members), generator=generator_for(seed, epoch, "bucket", b))
+        perm = [members[int(i)] for i in order]
         for lo in range(0, len(perm), batch_size):
             chunk = perm[lo:lo + batch_size]
             batches.append(chunk + [perm[j % len(perm)] for j in range(batch_size - len(chunk))])

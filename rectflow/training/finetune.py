@@ -53,8 +53,8 @@ def file_metadata(path: Path) -> dict[str, str]:
 
 INIT_SHAPE_KEYS = ("patch_size", "in_channels", "context_dim", "pooled_dim")
 # released-layout weight -> (axis -> shape key) for reading an init's shapes off a header
-SHAPE_OF = {"x_embedder.proj.weight": {1: "in_channels", 3: "patch_size"}, "context_embedder.weight": {1: "context_dim"},
-            "y_embedder.mlp.0.weight": {1: "pooled_dim"}}
+SHAPE_OF = {"x_embedder.proj.weight": {1: "in_channels", 3: "patch_size"},
+            "context_embedder.weight": {1: "context_dim"}, "y_embedder.mlp.0.weight": {1: "pooled_dim"}}
 DIFFUSERS_SHAPE_KEYS = {"patch_size": "patch_size", "in_channels": "in_channels", "context_dim": "joint_attention_dim",
                         "pooled_dim": "pooled_projection_dim"}
 

@@ -22,8 +22,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW of the config over `params` (a model's parameters, or a list: the trainable ones): the fused kernel (all tensors in one pass) where PyTorch has it for the parameters
-    (float32 on CPU or CUDA), else PyTorch's default implementation.
+    """AdamW of the config over `params` (a model's parameters, or a list: the trainable ones): the fused kernel (all
+    tensors in one pass) where PyTorch has it for the parameters (float32 on CPU or CUDA), else PyTorch's default
+    implementation.
 
     A resumed run keeps the implementation its checkpoint was written with (load_state_dict restores the param
     groups' `fused` flag), so runs checkpointed before the fused kernel was used continue exactly.
