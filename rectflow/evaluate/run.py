@@ -169,9 +169,9 @@ def markdown(report: dict) -> str:
         if geneval:
             row += [_fmt(r["geneval"]["overall"])] + [_fmt(r["geneval"].get(c)) for c in CATEGORIES]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "The last row scores real images of the same prompts (renders of the shapes scenes, or the validation "
-              "images the captions belong to, which are also in the FID reference): the FID floor and the CLIP score "
-              "at this sample count."]
+    lines += ["", "The last row scores real images of the same prompts (renders of the shapes scenes, or the "
+              "validation images the captions belong to, which are also in the FID reference): the FID floor and the "
+              "CLIP score at this sample count."]
     return "\n".join(lines) + "\n"
 
 
