@@ -126,3 +126,14 @@ def test_encoders_are_released_after_caching_and_grids_and_validation_still_work
     assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
     with pytest.raises(RuntimeError, match="text encoder was released"):
         trainer.text.encode(["a caption nobody prepared"])
+
+
+def test_the_fine_tuning_recipe_loads(sd3, tmp_path):
+    import argparse
+    from rectflow.training.cli import add_arguments, config_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    recipe = str(tiny_sd3.ROOT / "configs" / "finetune-sd3.5-medium.yaml")
+    cfg = config_from_args(parser.parse_args(["--config", recipe, "--init", str(sd3.released), "--out",
+                                              str(tmp_path / "r")]))
+    assert (cfg.lora, cfg.shift, cfg.resolution, cfg.buckets, cfg.lora_targets) == (16, 3.0, 1024, True, "attn")

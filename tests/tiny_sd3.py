@@ -19,6 +19,7 @@ TRANSFORMERS = {
     "sd35": dict(depth=3, num_heads=2, qk_norm="rms", dual_attention_layers=(0, 1)),
 }
 RESOLUTION = 32  # pixels: a 16 x 16 latent (the VAE halves), 8 x 8 tokens
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
