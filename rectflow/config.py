@@ -70,6 +70,11 @@ class TrainConfig:
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass (less memory, slower)")
     instance_prompt: str | None = _f(None, "the caption of every folder image that has none (DreamBooth style, e.g. "
                                            "'a photo of sks dog'); null: such images train with the empty caption")
+    class_prompt: str | None = _f(None, "DreamBooth prior preservation: before training the base model draws "
+                                        "class_images images of this prompt (e.g. 'a photo of a dog'), and every step "
+                                        "adds a batch of them, their loss weighted by prior_weight; null: off")
+    class_images: int = _f(100, "how many class images prior preservation generates")
+    prior_weight: float = _f(1.0, "weight of the class images' loss against the instance loss")
     buckets: bool = _f(False, "aspect-ratio buckets (folders of images): each image keeps about its shape at "
                               "about resolution^2 pixels, sides multiples of patch x autoencoder factor, aspect "
                               "ratios up to data_options.max_ratio (default 2); batches come from one bucket")
@@ -174,6 +179,12 @@ class TrainConfig:
             raise ValueError(f"config key 'betas': expected two values in [0, 1), got {self.betas!r}")
         if self.adam_eps is not None and self.adam_eps <= 0:
             raise ValueError(f"config key 'adam_eps': expected a value > 0 or null, got {self.adam_eps!r}")
+        if self.class_prompt is not None and not self.init:
+            raise ValueError("config key 'class_prompt': prior preservation needs a base model to draw the class "
+                             "images; set init")
+        if self.class_images < 1 or self.prior_weight < 0:
+            raise ValueError(f"config keys 'class_images' / 'prior_weight': expected >= 1 / >= 0, got "
+                             f"{self.class_images!r} / {self.prior_weight!r}")
         if self.lora < 0:
             raise ValueError(f"config key 'lora': expected a rank >= 1, or 0 for no LoRA, got {self.lora!r}")
         if self.lora and not self.init:

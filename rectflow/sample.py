@@ -159,8 +159,10 @@ def uncond_features(pipe: Pipeline, negative_prompt: str | None = None, encoders
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = "euler", cfg_scale: float = 4.0,
              shift: float = 1.0, schedule: str = "linear", seed: int = 0, batch_size: int = 8, encoders=None,
-             bf16: bool = False, progress: bool = False, negative_prompt: str | None = None) -> torch.Tensor:
-    """Images [N, 3, H, W] in [-1, 1] for the prompts; image i starts from noise seeded by seed + i.
+             bf16: bool = False, progress: bool = False, negative_prompt: str | None = None,
+             decode: bool = True) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] for the prompts (decode=False: their latents); image i starts from noise seeded
+    by seed + i.
 
     negative_prompt: its encoding is CFG's unconditional branch (default: see uncond_features).
     """
@@ -185,7 +187,7 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
                 return net(z, t).float()
 
         x0 = sample(model_fn, pipe.formulation, noise, steps=steps, solver=solver, shift=shift, schedule=schedule)
-        out.append(pipe.autoencoder.decode(x0).float().clamp(-1, 1).cpu())
+        out.append(pipe.autoencoder.decode(x0).float().clamp(-1, 1).cpu() if decode else x0.float().cpu())
     return torch.cat(out)
 
 

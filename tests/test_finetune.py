@@ -137,3 +137,23 @@ def test_the_fine_tuning_recipe_loads(sd3, tmp_path):
     cfg = config_from_args(parser.parse_args(["--config", recipe, "--init", str(sd3.released), "--out",
                                               str(tmp_path / "r")]))
     assert (cfg.lora, cfg.shift, cfg.resolution, cfg.buckets, cfg.lora_targets) == (16, 3.0, 1024, True, "attn")
+
+
+@pytest.mark.slow  # five short training runs
+def test_prior_preservation_draws_class_latents_once_and_resumes_exactly(sd3, tmp_path):
+    extra = ("--class-prompt", "a blue circle", "--class-images", "3", "--cache-dir", str(tmp_path / "cache"),
+             "--lr-schedule", "constant")
+    assert lora_run(sd3, tmp_path / "full", 4, *extra) == 0
+    cached = sorted((tmp_path / "cache").glob("class-*.safetensors"))
+    assert len(cached) == 1 and (tmp_path / "full" / "class_images.png").is_file()
+    mtime = cached[0].stat().st_mtime_ns
+    assert lora_run(sd3, tmp_path / "cut", 2, *extra) == 0
+    assert lora_run(sd3, tmp_path / "cut", 4, *extra, "--resume") == 0
+    assert cached[0].stat().st_mtime_ns == mtime  # drawn once, reused by the other runs
+    recs = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("full", "cut")]
+    assert [r["loss"] for r in recs[0]] == [r["loss"] for r in recs[1]]
+    assert [r["prior_loss"] for r in recs[0]] == [r["prior_loss"] for r in recs[1]] and recs[0][0]["prior_loss"] > 0
+    # without prior preservation the same steps give other losses (the class batch is in the gradient)
+    assert lora_run(sd3, tmp_path / "plain", 4, "--lr-schedule", "constant") == 0
+    plain = [json.loads(x)["loss"] for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert plain[0] == recs[0][0]["loss"] and plain[1:] != [r["loss"] for r in recs[0][1:]]

@@ -44,6 +44,7 @@ from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions
 from rectflow.training.finetune import (LoRATraining, attach_lora, check_fits, init_shapes, init_weights_path,
                                         load_init)
 from rectflow.training.model import build_model, compute_loss, context_splits
+from rectflow.training.prior import PriorPreservation
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from rectflow.training.randomness import generator_for, rng_states, seed_for, set_rng_states
 
@@ -96,6 +97,12 @@ class Trainer:
         self._release_encoders()
         torch.manual_seed(cfg.seed)
         self._build_model(side)
+        self.prior = None
+        if cfg.class_prompt is not None:  # drawn by the model as loaded: the base (a resume loads its weights later)
+            self.prior = PriorPreservation(cfg, init_path, self.latent_shape, self.cache_dir)
+            self.model.eval()
+            self.prior.prepare(self._pipeline(self.model), self._sample_settings(), self.ctx, self.run_dir, cfg.bf16)
+            self.model.train()
         self.net = self.model
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -164,7 +171,7 @@ class Trainer:
         if not wanted or not finite or (self.batches.cache is None and not is_identity(self.autoencoder)):
             return
         if self.ctx.is_main:
-            text.prepare(self.prompts + [""])
+            text.prepare(self.prompts + [""] + ([cfg.class_prompt] if cfg.class_prompt else []))
             if cfg.val_every:
                 self.validation_inputs()
         text.release()
@@ -230,6 +237,8 @@ class Trainer:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        prior_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        prior = self.prior.step_inputs(step, B, self.formulation, self.device) if self.prior else None
         for a in range(cfg.grad_accum):
             lo = (a * world + self.ctx.rank) * self.micro
             sl = slice(lo, lo + self.micro)
@@ -240,10 +249,19 @@ class Trainer:
             with sync:
                 per_sample = compute_loss(self.net, self.formulation, x0, context, pooled,
                                           t_all[sl].to(self.device), eps_all[sl], cfg.bf16)
+                total = per_sample.sum()
+                if prior is not None:  # the class images of this slice, their dropout seeded past the instances'
+                    c_ctx, c_pooled = self._conditioning([cfg.class_prompt] * self.micro, step,
+                                                         range(B + lo, B + lo + self.micro))
+                    class_loss = compute_loss(self.net, self.formulation, prior[0][sl], c_ctx, c_pooled,
+                                              prior[1][sl], prior[2][sl], cfg.bf16)
+                    total = total + cfg.prior_weight * class_loss.sum()
+                    prior_sum += class_loss.detach().double().sum()
                 # sum / B per rank; DDP averages over ranks, hence the world factor
-                (per_sample.sum() * (world / B)).backward()
+                (total * (world / B)).backward()
             loss_sum += per_sample.detach().double().sum()
         loss = distributed.all_reduce_sum(loss_sum, self.ctx).item() / B
+        prior_loss = distributed.all_reduce_sum(prior_sum, self.ctx).item() / B if prior is not None else None
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
         ok = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -262,7 +280,8 @@ class Trainer:
             self.bad_streak += 1
         self.step += 1
         self.images_seen += B
-        return {"step": self.step, "loss": loss if ok else None, "lr": lr,
+        extra = {} if prior_loss is None else {"prior_loss": prior_loss}
+        return {"step": self.step, "loss": loss if ok else None, "lr": lr, **extra,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 **({} if ok else {"nonfinite": True, "bad_loss": repr(loss), "bad_grad_norm": repr(grad_norm)})}
 
@@ -323,17 +342,25 @@ class Trainer:
         self._writer.add_scalar("val/loss", result["mean"], self.step)
         return {"val_loss": result["mean"], "val_loss_t": result["loss"]}
 
-    def write_samples(self) -> Path:
-        """A captioned grid of the fixed prompts from the EMA weights (rank 0), in samples/ and TensorBoard."""
-        settings = {"steps": self.cfg.sample_steps, "solver": self.cfg.sample_solver, "cfg_scale": self.cfg.sample_cfg,
-                    "shift": self.cfg.shift, "seed": self.cfg.seed}
+    def _sample_settings(self) -> dict:
+        """The sampler of the grids (and of prior preservation's class images)."""
+        cfg = self.cfg
+        settings = {"steps": cfg.sample_steps, "solver": cfg.sample_solver, "cfg_scale": cfg.sample_cfg,
+                    "shift": cfg.shift, "seed": cfg.seed}
         if self.uncond_prompt == "":  # a fine-tune of a released model: its sampler settings (docs/paper.md §6)
             settings.update(shift=DEFAULTS_FOR_RELEASED["shift"], schedule=DEFAULTS_FOR_RELEASED["schedule"])
+        return settings
+
+    def _pipeline(self, net) -> Pipeline:
+        return Pipeline(net, self.formulation, self.text, self.autoencoder, self.cfg.resolution, self.cfg.to_dict(),
+                        source=str(self.run_dir), uncond_prompt=self.uncond_prompt)
+
+    def write_samples(self) -> Path:
+        """A captioned grid of the fixed prompts from the EMA weights (rank 0), in samples/ and TensorBoard."""
+        settings = self._sample_settings()
         with self._weights() as net:
             was_training = net.training
-            pipe = Pipeline(net.eval(), self.formulation, self.text, self.autoencoder, self.cfg.resolution,
-                            self.cfg.to_dict(), source=str(self.run_dir), uncond_prompt=self.uncond_prompt)
-            images = generate(pipe, self.prompts, bf16=self.cfg.bf16, **settings)
+            images = generate(self._pipeline(net.eval()), self.prompts, bf16=self.cfg.bf16, **settings)
             net.train(was_training)
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         grid = save_images(images, self.prompts, path, {**settings, "run": str(self.run_dir), "train_step": self.step,
