@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from rectflow.data import get_dataset
 from rectflow.data.buckets import bucket_sides, fit_bucket, nearest_bucket
 from rectflow.runs import find_checkpoint
 from rectflow.training.data import bucket_step_indices
-from test_train import losses, tiny
+from test_train import kill_after_checkpoint, losses, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"wide": (48, 24), "tall": (20, 40), "square": (30, 30), "panorama": (90, 30)}
@@ -144,14 +142,7 @@ def test_bucketed_cached_run_resumes_bit_exact_after_sigkill(tmp_path):
     subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=300)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(run), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = run / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while not (pointer.exists() and pointer.read_text().strip() >= "step_00000006") and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(cmd(run), run, env)
     assert len(losses(run)) < 30, "the run finished before it was killed"
     subprocess.run(cmd(run, resume=True), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=300)

@@ -463,6 +463,18 @@ def _train_cmd(run: Path, steps: int, resume: bool = False) -> list[str]:
     return cmd + ["--resume"] if resume else cmd
 
 
+def kill_after_checkpoint(cmd: list[str], run: Path, env: dict, step: int = 6) -> None:
+    """Start a `rectflow train` command and SIGKILL it once checkpoint `step` (or a later one) is its latest."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = run / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not (pointer.exists() and pointer.read_text().strip() >= f"step_{step:08d}") and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow  # three CLI subprocesses, one killed
 def test_sigkill_resume_is_bit_exact(tmp_path):
     """A run killed with SIGKILL after a checkpoint and resumed logs exactly the losses of an uninterrupted run."""
@@ -472,15 +484,7 @@ def test_sigkill_resume_is_bit_exact(tmp_path):
     subprocess.run(_train_cmd(ref, steps), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=300)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(run, steps), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    pointer = run / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while not (pointer.exists() and pointer.read_text().strip() >= "step_00000006") and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(_train_cmd(run, steps), run, env)
     killed_at = len(losses(run))
     assert killed_at < steps, "the run finished before it was killed"
     subprocess.run(_train_cmd(run, steps, resume=True), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
