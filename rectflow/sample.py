@@ -14,6 +14,7 @@ released SD3 files are sampled, as SD3's reference code does, with the encoding 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -32,7 +33,7 @@ from rectflow.flow import Formulation
 from rectflow.images import make_grid, save_images, to_pil  # noqa: F401  (re-exported: rectflow.sample.save_images)
 from rectflow.lora import apply_loras
 from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights  # noqa: F401
-from rectflow.sampling import guided, sample
+from rectflow.sampling import SkipLayerGuidance, guided, sample
 from rectflow.text import load_text_encoder
 
 # docs/paper.md §6: the released models' inference settings
@@ -160,13 +161,18 @@ def uncond_features(pipe: Pipeline, negative_prompt: str | None = None, encoders
 def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = "euler", cfg_scale: float = 4.0,
              shift: float = 1.0, schedule: str = "linear", seed: int = 0, batch_size: int = 8, encoders=None,
              bf16: bool = False, progress: bool = False, negative_prompt: str | None = None,
-             decode: bool = True) -> torch.Tensor:
+             decode: bool = True, slg: SkipLayerGuidance | None = None) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] for the prompts (decode=False: their latents); image i starts from noise seeded
-    by seed + i.
+    by seed + i. slg: skip-layer guidance (rectflow.sampling.SkipLayerGuidance), with CFG on.
 
     negative_prompt: its encoding is CFG's unconditional branch (default: see uncond_features).
     """
     device, out = pipe.device, []
+    if slg is not None:
+        depth = len(getattr(pipe.model, "joint_blocks", ()))
+        if not depth or max(slg.layers) >= depth:
+            raise ValueError(f"--slg-layers {list(slg.layers)}: the model has joint blocks 0-{depth - 1}" if depth else
+                             "skip-layer guidance needs an MM-DiT (joint blocks to skip)")
     uncond = uncond_features(pipe, negative_prompt, encoders) if cfg_scale != 1 else None
     chunks = range(0, len(prompts), batch_size)
     if progress:
@@ -180,13 +186,14 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
                              for i in range(len(batch))]).to(device)
         u_context, u_pooled = (None, None) if uncond is None else (
             u.to(device).expand(len(batch), *u.shape[1:]) for u in uncond)
-        net = guided(pipe.model, context.to(device), pooled.to(device), cfg_scale, u_context, u_pooled)
+        net = guided(pipe.model, context.to(device), pooled.to(device), cfg_scale, u_context, u_pooled, slg, steps)
 
         def model_fn(z, t):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 return net(z, t).float()
 
-        x0 = sample(model_fn, pipe.formulation, noise, steps=steps, solver=solver, shift=shift, schedule=schedule)
+        x0 = sample(model_fn, pipe.formulation, noise, steps=steps, solver=solver, shift=shift, schedule=schedule,
+                    on_step=net.on_step)
         out.append(pipe.autoencoder.decode(x0).float().clamp(-1, 1).cpu() if decode else x0.float().cpu())
     return torch.cat(out)
 
@@ -227,6 +234,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "shift; 3.0 for released files)")
     s.add_argument("--schedule", choices=("linear", "sd3"), default=None, help="time grid: linear, or sd3 (the "
                    "released samplers' grid, docs/paper.md §6); default linear for runs, sd3 for released files")
+    s.add_argument("--slg-layers", default=None, metavar="7,8,9", help="skip-layer guidance (SD3.5 medium: 7,8,9): "
+                   "the joint blocks left out of the extra conditional forward; default: off")
+    s.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale")
+    s.add_argument("--slg-start", type=float, default=0.01, help="skip-layer guidance from this fraction of the steps")
+    s.add_argument("--slg-stop", type=float, default=0.2, help="skip-layer guidance until this fraction of the steps")
     s.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded by seed + i")
     s.add_argument("--batch-size", type=int, default=8, help="images per model batch")
     s.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the run's)")
@@ -247,6 +259,17 @@ def check_sampler_args(args) -> None:
     for flag, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"{flag}: expected {expected}, got {value!r}")
+
+
+def slg_from_args(args) -> SkipLayerGuidance | None:
+    """The skip-layer guidance of --slg-layers/--slg-scale/--slg-start/--slg-stop (None without --slg-layers)."""
+    if not args.slg_layers:
+        return None
+    try:
+        layers = tuple(int(x) for x in str(args.slg_layers).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--slg-layers: expected block indices like 7,8,9, got {args.slg_layers!r}") from None
+    return SkipLayerGuidance(layers, args.slg_scale, args.slg_start, args.slg_stop)
 
 
 def read_prompts(args) -> list[str]:
@@ -288,8 +311,9 @@ def run(args) -> int:
         encoders = [e.strip() for e in args.encoders.split(",") if e.strip()] if args.encoders else None
         settings = {"steps": args.steps, "solver": args.solver, "cfg_scale": args.cfg_scale, "shift": shift,
                     "schedule": schedule, "seed": args.seed}
+        slg = slg_from_args(args)
         images = generate(pipe, prompts, batch_size=args.batch_size, encoders=encoders, bf16=args.bf16,
-                          progress=True, negative_prompt=args.negative_prompt, **settings)
+                          progress=True, negative_prompt=args.negative_prompt, slg=slg, **settings)
     except (ValueError, FileNotFoundError) as err:
         print(f"rectflow sample: {err}", file=sys.stderr)
         return 2
@@ -298,7 +322,7 @@ def run(args) -> int:
     meta = {**settings, "weights": pipe.weights, "source": pipe.source, "formulation": pipe.formulation.name,
             "encoders": encoders or list(pipe.text_encoder.encoder_names), "resolution": pipe.resolution,
             "negative_prompt": uncond,  # the prompt encoded for CFG's unconditional branch; null: zeros
-            "loras": pipe.loras}
+            "loras": pipe.loras, "slg": None if slg is None else dataclasses.asdict(slg)}
     save_images(images, prompts, args.out, meta)
     print(f"rectflow sample: wrote {args.out} and {len(prompts)} images beside it", file=sys.stderr)
     return 0

@@ -11,6 +11,7 @@ log-SNR log(a / b) of any path. docs/formulations.md explains the choices.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -38,24 +39,64 @@ def time_grid(steps: int, shift: float = 1.0, schedule: str = "linear") -> torch
     raise ValueError(f"time_grid: schedule must be 'linear' or 'sd3', got {schedule!r}")
 
 
-def guided(model, context, y, cfg_scale, uncond_context=None, uncond_y=None):
-    """model_fn(z_in, t_in) with classifier-free guidance: uncond + cfg_scale (cond - uncond), one batched forward.
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """Skip-layer guidance (SD3.5 medium's recommended setting): at the solver steps i with start * steps < i <
+    stop * steps, the guided output gains scale * (cond - cond_skip), cond_skip being the conditional output with the
+    given joint blocks skipped. The semantics of diffusers' skip_guidance_layers and of Stability AI's
+    SkipLayerCFGDenoiser; like both, it acts only with classifier-free guidance on (cfg_scale != 1)."""
 
-    model(x, t, context, y); the unconditional inputs default to zeros (the training-time dropout of docs/paper.md §4).
-    At cfg_scale 1 the unconditional branch cancels, so only the conditional forward runs.
+    layers: tuple[int, ...]
+    scale: float = 2.8
+    start: float = 0.01
+    stop: float = 0.2
+
+    def __post_init__(self):
+        if not self.layers or any(int(i) != i or i < 0 for i in self.layers):
+            raise ValueError(f"skip-layer guidance: layers must be block indices >= 0, got {self.layers!r}")
+        if not (math.isfinite(self.scale) and 0 <= self.start <= self.stop <= 1):
+            raise ValueError(f"skip-layer guidance: expected a finite scale and 0 <= start <= stop <= 1, got scale "
+                             f"{self.scale}, start {self.start}, stop {self.stop}")
+
+    def active(self, i: int, steps: int) -> bool:
+        return self.start * steps < i < self.stop * steps
+
+
+class Guided:
+    """model_fn(z_in, t_in) with classifier-free guidance: uncond + cfg_scale (cond - uncond), one batched forward;
+    with skip-layer guidance also cond - cond_skip at the steps it covers (`step`, set by the solver's on_step).
+
+    model(x, t, context, y[, skip_layers]); the unconditional inputs default to zeros (the training-time dropout of
+    docs/paper.md §4). At cfg_scale 1 the unconditional branch cancels, so only the conditional forward runs.
     """
-    if cfg_scale == 1:
-        return lambda z_in, t_in: model(z_in, t_in, context, y)
-    uncond_context = torch.zeros_like(context) if uncond_context is None else uncond_context
-    uncond_y = torch.zeros_like(y) if uncond_y is None else uncond_y
-    both_context, both_y = torch.cat([context, uncond_context]), torch.cat([y, uncond_y])
 
-    def model_fn(z_in, t_in):
-        out = model(torch.cat([z_in, z_in]), torch.cat([t_in, t_in]), both_context, both_y)
+    def __init__(self, model, context, y, cfg_scale, uncond_context=None, uncond_y=None,
+                 slg: SkipLayerGuidance | None = None, steps: int | None = None):
+        self.model, self.context, self.y, self.cfg_scale = model, context, y, cfg_scale
+        self.slg, self.steps, self.step = slg, steps, 0
+        if cfg_scale != 1:
+            uncond_context = torch.zeros_like(context) if uncond_context is None else uncond_context
+            uncond_y = torch.zeros_like(y) if uncond_y is None else uncond_y
+            self.both_context, self.both_y = torch.cat([context, uncond_context]), torch.cat([y, uncond_y])
+
+    def __call__(self, z_in, t_in):
+        if self.cfg_scale == 1:
+            return self.model(z_in, t_in, self.context, self.y)
+        out = self.model(torch.cat([z_in, z_in]), torch.cat([t_in, t_in]), self.both_context, self.both_y)
         cond, uncond = out.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+        guided_out = uncond + self.cfg_scale * (cond - uncond)
+        if self.slg is not None and self.slg.active(self.step, self.steps):
+            skipped = self.model(z_in, t_in, self.context, self.y, skip_layers=self.slg.layers)
+            guided_out = guided_out + (cond - skipped) * self.slg.scale
+        return guided_out
 
-    return model_fn
+    def on_step(self, i: int) -> None:
+        self.step = i
+
+
+def guided(model, context, y, cfg_scale, uncond_context=None, uncond_y=None, slg=None, steps=None) -> Guided:
+    """Guided(...): the classifier-free (and skip-layer) guided model function."""
+    return Guided(model, context, y, cfg_scale, uncond_context, uncond_y, slg, steps)
 
 
 def _coefficients(f: Formulation, t: float) -> tuple[float, float]:
@@ -79,6 +120,12 @@ def _step(f: Formulation, z, t: float, t_next: float, velocity):
     return (s_next / s) * z + (s_next * (b_next / s_next - b / s)) * velocity
 
 
+def _enter(on_step, i: int) -> None:
+    """Tell a step-aware model function (skip-layer guidance) which solver step its next evaluations belong to."""
+    if on_step is not None:
+        on_step(i)
+
+
 def _times(ts) -> list[float]:
     """The grid as python floats (float64), checked to decrease."""
     ts = [float(t) for t in (ts.tolist() if isinstance(ts, torch.Tensor) else ts)]
@@ -87,10 +134,12 @@ def _times(ts) -> list[float]:
     return ts
 
 
-def sample_euler(model_fn, formulation: Formulation, z, ts, callback=None):
-    """Euler (DDIM for non-rf formulations) from ts[0] to ts[-1]; callback(i, t, z, x0_hat) before each step."""
+def sample_euler(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None):
+    """Euler (DDIM for non-rf formulations) from ts[0] to ts[-1]; callback(i, t, z, x0_hat) before each step,
+    on_step(i) before step i's evaluations."""
     ts = _times(ts)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        _enter(on_step, i)
         x0, v = _evaluate(model_fn, formulation, z, t)
         if callback is not None:
             callback(i, t, z, x0)
@@ -98,10 +147,11 @@ def sample_euler(model_fn, formulation: Formulation, z, ts, callback=None):
     return z
 
 
-def sample_heun(model_fn, formulation: Formulation, z, ts, callback=None):
+def sample_heun(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None):
     """Heun's second-order method; the step into t = 0 is an Euler step (nothing to evaluate there)."""
     ts = _times(ts)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        _enter(on_step, i)
         x0, v = _evaluate(model_fn, formulation, z, t)
         if callback is not None:
             callback(i, t, z, x0)
@@ -113,7 +163,7 @@ def sample_heun(model_fn, formulation: Formulation, z, ts, callback=None):
     return z
 
 
-def sample_dpmpp_2m(model_fn, formulation: Formulation, z, ts, callback=None):
+def sample_dpmpp_2m(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None):
     """DPM-Solver++(2M) in x0 form over the half log-SNR l = log(a / b) (Lu et al. 2022), for any a_t, b_t.
 
     z' = (b'/b) z - a' expm1(-h) D with h = l' - l and D the x0_hat extrapolated along l from the previous step;
@@ -123,6 +173,7 @@ def sample_dpmpp_2m(model_fn, formulation: Formulation, z, ts, callback=None):
     f = formulation
     x0_prev, h_prev = None, None
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+        _enter(on_step, i)
         x0, _ = _evaluate(model_fn, f, z, t)
         if callback is not None:
             callback(i, t, z, x0)
@@ -169,12 +220,13 @@ def formulation_grid(formulation: Formulation, steps: int, shift: float = 1.0, s
     return ts
 
 
-def sample(model_fn, formulation, noise, steps=28, solver="euler", shift=1.0, schedule="linear", callback=None):
+def sample(model_fn, formulation, noise, steps=28, solver="euler", shift=1.0, schedule="linear", callback=None,
+           on_step=None):
     """x0 from standard-normal noise: the prior z = noise * prior_scale at the start of
-    formulation_grid(formulation, steps, shift, schedule), then the solver."""
+    formulation_grid(formulation, steps, shift, schedule), then the solver (on_step(i) before step i)."""
     f = formulation if isinstance(formulation, Formulation) else Formulation.from_name(formulation)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
     ts = formulation_grid(f, steps, shift, schedule)
     z = noise * f.prior_scale
-    return SOLVERS[solver](model_fn, f, z, ts, callback)
+    return SOLVERS[solver](model_fn, f, z, ts, callback, on_step)

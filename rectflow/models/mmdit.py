@@ -349,11 +349,16 @@ class MMDiT(nn.Module):
 
     # ----- forward ------------------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Predict the model output for latents x at times t in [0, 1] (t = 0 data, t = 1 noise)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                skip_layers=()) -> torch.Tensor:
+        """Predict the model output for latents x at times t in [0, 1] (t = 0 data, t = 1 noise); the joint blocks
+        in skip_layers are left out (both streams pass them unchanged: skip-layer guidance, rectflow.sampling)."""
         tokens, c_act, h, w, dtype = embed_inputs(self, x, t, y)
         ctx = self.context_embedder(context.to(dtype))
-        for block in self.joint_blocks:
+        skip = set(skip_layers or ())
+        for i, block in enumerate(self.joint_blocks):
+            if i in skip:
+                continue
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 ctx, tokens = checkpoint(block, ctx, tokens, c_act, use_reentrant=False)
             else:
