@@ -32,12 +32,16 @@ from rectflow.files import check_safetensors
 from rectflow.flow import Formulation
 from rectflow.images import make_grid, save_images, to_pil  # noqa: F401  (re-exported: rectflow.sample.save_images)
 from rectflow.lora import apply_loras
+from rectflow.presets import PRESETS, recognise
+from rectflow.presets import preset as preset_settings
 from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights  # noqa: F401
 from rectflow.sampling import SkipLayerGuidance, guided, sample
 from rectflow.text import load_text_encoder
 
 # docs/paper.md §6: the released models' inference settings
 DEFAULTS_FOR_RELEASED = {"formulation": "rf", "shift": 3.0, "schedule": "sd3"}
+RELEASED_RESOLUTION = 1024  # the side their shift of 3 was chosen for (docs/paper.md §5)
+DEFAULT_SAMPLER = {"steps": 28, "solver": "euler", "cfg_scale": 4.0}
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Pipeline:
     weights: str | None = None  # "ema" or "raw" as the loaded file says (None: not a rectflow training file)
     uncond_prompt: str | None = None  # CFG's unconditional branch: this prompt's encoding; None: zeros
     loras: list = field(default_factory=list)  # the LoRAs merged into the model: [{file, scale, format}]
+    preset: str | None = None  # the sampler preset (rectflow.presets) chosen for this model
 
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of one latent."""
@@ -87,12 +92,15 @@ def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
 
 def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights: str | None = None, device="cpu",
                   formulation: str | None = None, text_encoder: str | None = None, autoencoder: str | None = None,
-                  resolution: int | None = None, step_dir: str | Path | None = None, loras=()) -> Pipeline:
+                  resolution: int | None = None, step_dir: str | Path | None = None, loras=(),
+                  preset: str | None = None, t5_length: int | None = None, no_t5: bool = False) -> Pipeline:
     """Everything needed to sample, from a run or a weights file; explicit arguments override the run's config.
 
     weights: see resolve_weights. step_dir: a checkpoint directory of `run` to load instead of its latest (so that
     several weight sets come from one checkpoint while the run goes on writing new ones). loras: 'FILE[:SCALE]'
-    LoRAs merged into the weights in order (rectflow.lora).
+    LoRAs merged into the weights in order (rectflow.lora). preset: a name of rectflow.presets, 'auto' (the one a
+    released model's architecture matches) or None; its T5 length applies unless t5_length is given. no_t5: T5 is
+    not loaded, zeros take its place (as SD3 was trained to accept, docs/paper.md §4).
     """
     path = resolve_weights(run, checkpoint, weights) if step_dir is None else resolve_weights(
         None, str(step_dir), weights or "ema")
@@ -108,14 +116,21 @@ def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights
         raise ValueError(f"{path} carries no training config: give --text-encoder (e.g. 'sd3:clip_l=DIR,clip_g=DIR,"
                          f"t5=DIR') and --autoencoder (e.g. 'sd3-vae:DIR')")
     ae = load_autoencoder(autoencoder or cfg.get("autoencoder", "identity")).to(device).eval()
-    text = load_text_encoder(text_spec).to(device).eval()
+    name = (recognise(model.config, path) if released else None) if preset == "auto" else preset
+    if name is not None:
+        preset_settings(name)  # an unknown name is an error naming the presets
+    length = t5_length or (PRESETS[name]["t5_length"] if name else None)
+    without = ("t5",) if no_t5 else ()
+    text = load_text_encoder(text_spec, t5_length=length, without=without,
+                             dims={"t5": model.config["context_dim"]} if no_t5 else None).to(device).eval()
     form = Formulation.from_name(formulation or cfg.get("formulation", DEFAULTS_FOR_RELEASED["formulation"]))
     side = resolution or cfg.get("resolution") or model.config["input_size"] * ae.factor
     _check_conditioning(model, text, path)
     # released SD3 models (and fine-tunes of them) take the empty prompt's encoding as the unconditional input (SD3's
     # reference sampler); rectflow runs from scratch were trained with text dropout to zeros
     return Pipeline(model, form, text, ae, int(side), cfg, source=str(path), weights=kind,
-                    uncond_prompt=uncond_prompt_of(meta) if meta else ("" if released else None), loras=applied)
+                    uncond_prompt=uncond_prompt_of(meta) if meta else ("" if released else None), loras=applied,
+                    preset=name)
 
 
 def _check_conditioning(model, text, path) -> None:
@@ -226,19 +241,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "SD3 files)")
     p.add_argument("--out", default="samples/grid.png", help="the captioned grid; single images are written beside "
                    "it as <stem>_NNN.png")
-    s = parser.add_argument_group("sampler")
-    s.add_argument("--steps", type=int, default=28, help="solver steps")
-    s.add_argument("--solver", choices=("euler", "heun", "dpmpp_2m"), default="euler", help="ODE solver")
-    s.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = no guidance)")
-    s.add_argument("--shift", type=float, default=None, help="time-grid shift alpha (default: the run's training "
-                   "shift; 3.0 for released files)")
+    s = parser.add_argument_group("sampler (unset values come from --preset, else the defaults shown)")
+    s.add_argument("--preset", default="auto", choices=["auto", "none", *PRESETS], help="the released models' "
+                   "recommended settings (rectflow.presets, sources in docs/sampling.md); auto: the preset of a "
+                   "recognised released checkpoint; none: the defaults")
+    s.add_argument("--steps", type=int, default=None, help=f"solver steps (default {DEFAULT_SAMPLER['steps']})")
+    s.add_argument("--solver", choices=("euler", "heun", "dpmpp_2m"), default=None,
+                   help=f"ODE solver (default {DEFAULT_SAMPLER['solver']})")
+    s.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = no guidance; "
+                   f"default {DEFAULT_SAMPLER['cfg_scale']})")
+    s.add_argument("--shift", default=None, help="time-grid shift alpha, or auto: the reference shift scaled by "
+                   "sqrt(pixels / reference pixels) (docs/paper.md §5); default: the run's training shift, 3.0 for "
+                   "released files")
     s.add_argument("--schedule", choices=("linear", "sd3"), default=None, help="time grid: linear, or sd3 (the "
                    "released samplers' grid, docs/paper.md §6); default linear for runs, sd3 for released files")
-    s.add_argument("--slg-layers", default=None, metavar="7,8,9", help="skip-layer guidance (SD3.5 medium: 7,8,9): "
-                   "the joint blocks left out of the extra conditional forward; default: off")
-    s.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale")
-    s.add_argument("--slg-start", type=float, default=0.01, help="skip-layer guidance from this fraction of the steps")
-    s.add_argument("--slg-stop", type=float, default=0.2, help="skip-layer guidance until this fraction of the steps")
+    s.add_argument("--slg-layers", default=None, metavar="7,8,9", help="skip-layer guidance: the joint blocks left "
+                   "out of the extra conditional forward; none: off (default: the preset's, else off)")
+    s.add_argument("--slg-scale", type=float, default=None, help="skip-layer guidance scale (default 2.8)")
+    s.add_argument("--slg-start", type=float, default=None, help="skip-layer guidance from this fraction of the "
+                   "steps (default 0.01)")
+    s.add_argument("--slg-stop", type=float, default=None, help="skip-layer guidance until this fraction of the "
+                   "steps (default 0.2)")
+    s.add_argument("--t5-length", type=int, default=None, help="T5 tokens of SD3 text encoders (default: the "
+                   "preset's 256, else 77)")
+    s.add_argument("--no-t5", action="store_true", help="do not load T5: zeros in its place (SD3 was trained to "
+                   "accept them; saves T5-XXL's 4.7B parameters)")
     s.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded by seed + i")
     s.add_argument("--batch-size", type=int, default=8, help="images per model batch")
     s.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the run's)")
@@ -246,30 +273,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
 
 
+def _shift_value(text) -> float | str | None:
+    """--shift: None, 'auto' or a float."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--shift: expected a number or auto, got {text!r}") from None
+
+
 def check_sampler_args(args) -> None:
     """Reject values the sampler cannot use, naming the flag and the allowed range."""
-    checks = [("--steps", args.steps, args.steps >= 1, "an integer >= 1"),
+    shift = _shift_value(args.shift)
+    checks = [("--steps", args.steps, args.steps is None or args.steps >= 1, "an integer >= 1"),
               ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer >= 1"),
-              ("--cfg-scale", args.cfg_scale, math.isfinite(args.cfg_scale) and args.cfg_scale >= 0,
+              ("--cfg-scale", args.cfg_scale, args.cfg_scale is None or (math.isfinite(args.cfg_scale)
+                                                                         and args.cfg_scale >= 0),
                "a finite number >= 0 (1 = no guidance)"),
-              ("--shift", args.shift, args.shift is None or (math.isfinite(args.shift) and args.shift > 0),
-               "a finite number > 0"),
+              ("--shift", args.shift, not isinstance(shift, float) or (math.isfinite(shift) and shift > 0),
+               "a finite number > 0, or auto"),
               ("--resolution", args.resolution, args.resolution is None or args.resolution >= 1,
-               "a positive number of pixels")]
+               "a positive number of pixels"),
+              ("--t5-length", args.t5_length, args.t5_length is None or args.t5_length >= 1, "an integer >= 1")]
     for flag, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"{flag}: expected {expected}, got {value!r}")
 
 
-def slg_from_args(args) -> SkipLayerGuidance | None:
-    """The skip-layer guidance of --slg-layers/--slg-scale/--slg-start/--slg-stop (None without --slg-layers)."""
-    if not args.slg_layers:
+def slg_from_args(args, preset_slg: dict | None = None) -> SkipLayerGuidance | None:
+    """The skip-layer guidance of --slg-layers/--slg-scale/--slg-start/--slg-stop over the preset's (None: off)."""
+    if args.slg_layers is not None and str(args.slg_layers).lower() == "none":
         return None
-    try:
-        layers = tuple(int(x) for x in str(args.slg_layers).split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"--slg-layers: expected block indices like 7,8,9, got {args.slg_layers!r}") from None
-    return SkipLayerGuidance(layers, args.slg_scale, args.slg_start, args.slg_stop)
+    base = dict(preset_slg or {})
+    if args.slg_layers is not None:
+        try:
+            base["layers"] = tuple(int(x) for x in str(args.slg_layers).split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--slg-layers: expected block indices like 7,8,9, got {args.slg_layers!r}") from None
+    if "layers" not in base:
+        return None
+    for key in ("scale", "start", "stop"):
+        if getattr(args, f"slg_{key}") is not None:
+            base[key] = getattr(args, f"slg_{key}")
+    return SkipLayerGuidance(**base)
+
+
+def sampler_settings(args, pipe: Pipeline) -> tuple[dict, SkipLayerGuidance | None]:
+    """The sampler of `rectflow sample`: each flag given, else the pipeline's preset, else DEFAULT_SAMPLER; the
+    shift's and the grid's defaults depend on the model (runs: their training shift on a linear grid; released
+    models and fine-tunes of them: shift 3 on SD3's grid); --shift auto scales the reference shift by
+    sqrt(pixels / reference pixels) (docs/paper.md §5)."""
+    released = not pipe.train_config or pipe.uncond_prompt == ""
+    chosen = PRESETS[pipe.preset] if pipe.preset else {}
+    defaults = {**DEFAULT_SAMPLER, "shift": DEFAULTS_FOR_RELEASED["shift"] if released else
+                float(pipe.train_config.get("shift", 1.0))}
+    settings = {k: getattr(args, k) if getattr(args, k) is not None else chosen.get(k, defaults[k])
+                for k in ("steps", "solver", "cfg_scale")}
+    shift = _shift_value(args.shift)
+    reference = chosen.get("shift", defaults["shift"])
+    if shift == "auto":  # the reference shift belongs to the released models' 1024 px, or the run's resolution
+        base_side = RELEASED_RESOLUTION if released else int(pipe.train_config.get("resolution", pipe.resolution))
+        shift = reference * pipe.resolution / base_side  # sqrt(m / n) for square images of m and n pixels
+    settings["shift"] = reference if shift is None else shift
+    settings["schedule"] = args.schedule or (DEFAULTS_FOR_RELEASED["schedule"] if released or chosen else "linear")
+    settings["seed"] = args.seed
+    return settings, slg_from_args(args, chosen.get("slg"))
 
 
 def read_prompts(args) -> list[str]:
@@ -302,16 +371,14 @@ def run(args) -> int:
         prompts = read_prompts(args)
         device = resolve_device(args.device)
         pipe = load_pipeline(args.run, args.checkpoint, args.weights, device, args.formulation, args.text_encoder,
-                             args.autoencoder, args.resolution, loras=args.lora)
-        # released models and fine-tunes of them (whose CFG branch is the empty prompt) sample as released
-        released = not pipe.train_config or pipe.uncond_prompt == ""
-        shift = args.shift if args.shift is not None else (
-            DEFAULTS_FOR_RELEASED["shift"] if released else pipe.train_config.get("shift", 1.0))
-        schedule = args.schedule or (DEFAULTS_FOR_RELEASED["schedule"] if released else "linear")
+                             args.autoencoder, args.resolution, loras=args.lora,
+                             preset=None if args.preset == "none" else args.preset, t5_length=args.t5_length,
+                             no_t5=args.no_t5)
+        if pipe.preset:
+            print(f"rectflow sample: preset {pipe.preset} ({PRESETS[pipe.preset]['source']}); flags override it",
+                  file=sys.stderr)
         encoders = [e.strip() for e in args.encoders.split(",") if e.strip()] if args.encoders else None
-        settings = {"steps": args.steps, "solver": args.solver, "cfg_scale": args.cfg_scale, "shift": shift,
-                    "schedule": schedule, "seed": args.seed}
-        slg = slg_from_args(args)
+        settings, slg = sampler_settings(args, pipe)
         images = generate(pipe, prompts, batch_size=args.batch_size, encoders=encoders, bf16=args.bf16,
                           progress=True, negative_prompt=args.negative_prompt, slg=slg, **settings)
     except (ValueError, FileNotFoundError) as err:
@@ -322,7 +389,8 @@ def run(args) -> int:
     meta = {**settings, "weights": pipe.weights, "source": pipe.source, "formulation": pipe.formulation.name,
             "encoders": encoders or list(pipe.text_encoder.encoder_names), "resolution": pipe.resolution,
             "negative_prompt": uncond,  # the prompt encoded for CFG's unconditional branch; null: zeros
-            "loras": pipe.loras, "slg": None if slg is None else dataclasses.asdict(slg)}
+            "loras": pipe.loras, "slg": None if slg is None else dataclasses.asdict(slg), "preset": pipe.preset,
+            "t5": not args.no_t5}
     save_images(images, prompts, args.out, meta)
     print(f"rectflow sample: wrote {args.out} and {len(prompts)} images beside it", file=sys.stderr)
     return 0

@@ -211,13 +211,14 @@ class SD3TextEncoders(TextEncoder):
         return dims
 
     @classmethod
-    def from_pipeline_folder(cls, root: str | Path, dtype: torch.dtype | None = None, **kw) -> "SD3TextEncoders":
+    def from_pipeline_folder(cls, root: str | Path, dtype: torch.dtype | None = None, without=(),
+                             **kw) -> "SD3TextEncoders":
         """The encoders of a diffusers StableDiffusion3Pipeline folder (text_encoder{,_2,_3} + tokenizer{,_2,_3});
-        absent subfolders become missing encoders (e.g. SD3 released without T5)."""
+        absent subfolders, and those named in `without`, become missing encoders (e.g. SD3 without T5)."""
         root = Path(root).expanduser()
         loaded = {}
         for name, (model_dir, tokenizer_dir) in SD3_SUBFOLDERS.items():
-            if (root / model_dir / "config.json").is_file():
+            if name not in without and (root / model_dir / "config.json").is_file():
                 loaded[name] = cls._load(name, root / model_dir, dtype, root / tokenizer_dir)[:2]
         if not loaded:
             raise FileNotFoundError(f"no text_encoder, text_encoder_2 or text_encoder_3 folder with config.json "
@@ -341,14 +342,19 @@ class CachedTextEncoder(TextEncoder):
         return context, pooled
 
 
-def load_text_encoder(spec: str, dtype: torch.dtype | None = None) -> TextEncoder:
+def load_text_encoder(spec: str, dtype: torch.dtype | None = None, t5_length: int | None = None,
+                      without: tuple[str, ...] = (), dims: dict | None = None) -> TextEncoder:
     """'minilm', 'minilm:DIR', 'sd3:DIR' (a diffusers SD3 pipeline folder) or
-    'sd3:clip_l=DIR,clip_g=DIR,t5=DIR[,t5_length=N]' (any subset of the encoders)."""
+    'sd3:clip_l=DIR,clip_g=DIR,t5=DIR[,t5_length=N]' (any subset of the encoders). For SD3: t5_length overrides the
+    spec's; `without` names encoders not to load (zeros in their place, widths from dims: --no-t5)."""
     kind, _, rest = spec.partition(":")
     if kind == "minilm":
+        if without:
+            raise ValueError(f"text encoder {spec!r} has no {', '.join(without)} to leave out (only SD3's has T5)")
         return MiniLMEncoder(rest or None, dtype=dtype)
+    extra = {**({"t5_length": t5_length} if t5_length else {}), **({"dims": dims} if dims else {})}
     if kind == "sd3" and rest and "=" not in rest:
-        return SD3TextEncoders.from_pipeline_folder(rest, dtype=dtype)
+        return SD3TextEncoders.from_pipeline_folder(rest, dtype=dtype, without=without, **extra)
     if kind == "sd3" and rest:
         kw = {}
         for item in rest.split(","):
@@ -360,6 +366,7 @@ def load_text_encoder(spec: str, dtype: torch.dtype | None = None) -> TextEncode
             else:
                 raise ValueError(f"text encoder spec {spec!r}: unknown key {key!r}; "
                                  f"expected clip_l, clip_g, t5, clip_length, t5_length")
-        return SD3TextEncoders(**kw, dtype=dtype)
+        kw = {k: v for k, v in kw.items() if k not in without}
+        return SD3TextEncoders(**{**kw, **extra}, dtype=dtype)
     raise ValueError(f"unknown text encoder spec {spec!r}: expected 'minilm', 'minilm:DIR', 'sd3:DIR' "
                      f"or 'sd3:clip_l=DIR,clip_g=DIR,t5=DIR'")

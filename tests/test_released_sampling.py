@@ -59,3 +59,46 @@ def test_skip_layer_guidance_values_are_checked(sd3):
         ours(sd3, slg=SkipLayerGuidance(layers=(9,)))
     assert not SkipLayerGuidance((1,), start=0.01, stop=0.2).active(0, 28)
     assert [i for i in range(28) if SkipLayerGuidance((1,), start=0.01, stop=0.2).active(i, 28)] == [1, 2, 3, 4, 5]
+
+
+def test_presets_are_recognised_and_resolve_as_documented(sd3, tmp_path):
+    import argparse
+    import json
+    from PIL import Image
+    from rectflow.cli import main
+    from rectflow.presets import PRESETS, recognise
+    from rectflow.sample import add_arguments, sampler_settings
+    medium = dict(depth=24, hidden_size=1536, in_channels=16, qk_norm=None, dual_attention_layers=[])
+    assert recognise(medium) == "sd3-medium"
+    assert recognise({**medium, "qk_norm": "rms", "dual_attention_layers": list(range(13))}) == "sd3.5-medium"
+    large = dict(depth=38, hidden_size=2432, in_channels=16, qk_norm="rms", dual_attention_layers=[])
+    assert recognise(large, "sd3.5_large.safetensors") == "sd3.5-large"
+    assert recognise(large, "models/sd3.5_large_turbo.safetensors") == "sd3.5-large-turbo"
+    assert recognise(dict(medium, depth=2)) is None and recognise({**medium, "arch": "dit"}) is None
+    # a preset by name, then a flag over it; the PNG says what was used
+    common = ["sample", "--checkpoint", str(sd3.released), "--text-encoder", sd3.text_encoder, "--autoencoder",
+              sd3.autoencoder, "--resolution", "32", "--prompt", "a red circle"]
+    assert main([*common, "--preset", "sd3.5-large-turbo", "--out", str(tmp_path / "t.png")]) == 0
+    meta = json.loads(Image.open(tmp_path / "t_000.png").text["rectflow"])
+    turbo = PRESETS["sd3.5-large-turbo"]
+    assert (meta["steps"], meta["cfg_scale"], meta["solver"], meta["shift"], meta["preset"]) == (
+        turbo["steps"], turbo["cfg_scale"], turbo["solver"], turbo["shift"], "sd3.5-large-turbo")
+    assert main([*common, "--preset", "sd3.5-large-turbo", "--steps", "3", "--out", str(tmp_path / "u.png")]) == 0
+    assert json.loads(Image.open(tmp_path / "u_000.png").text["rectflow"])["steps"] == 3
+    # SD3.5 medium's skip layers 7, 8, 9 do not exist in a 2-3 block model: a named error, not a crash
+    assert main([*common, "--preset", "sd3.5-medium", "--out", str(tmp_path / "m.png")]) == 2
+    # --shift auto: the reference shift 3 at 1024 px scaled by sqrt(pixels / 1024^2)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    pipe = load_pipeline(checkpoint=str(sd3.released), text_encoder=sd3.text_encoder,
+                         autoencoder=sd3.autoencoder, resolution=512)
+    settings, slg = sampler_settings(parser.parse_args(["--checkpoint", "x", "--shift", "auto"]), pipe)
+    assert settings["shift"] == 1.5 and settings["schedule"] == "sd3" and slg is None
+
+
+def test_no_t5_loads_no_t5_and_equals_zeros_in_its_place(sd3):
+    pipe = load_pipeline(checkpoint=str(sd3.released), text_encoder=sd3.text_encoder, autoencoder=sd3.autoencoder,
+                         resolution=tiny_sd3.RESOLUTION, no_t5=True)
+    assert "t5" not in pipe.text_encoder.encoder_names and "t5" not in pipe.text_encoder.models
+    images = generate(pipe, PROMPTS, steps=STEPS, cfg_scale=4.0, shift=3.0, schedule="sd3", seed=0)
+    torch.testing.assert_close(images, ours(sd3, encoders=["clip_l", "clip_g"]), atol=1e-6, rtol=0)
