@@ -12,7 +12,9 @@ torch.load(weights_only=True). Every write goes to a temporary file that is rena
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rectflow.files import atomic_path, check_safetensors, write_text_atomic
+from rectflow.files import atomic_path, check_safetensors, read_json, write_json, write_text_atomic
 from rectflow.lora import BASE_KEY, apply_loras, merge, read_lora
 from rectflow.models import baselines
 from rectflow.models.layouts import CONTEXT_BLOCK, GLOBAL, X_BLOCK
@@ -89,6 +91,32 @@ def uncond_prompt_of(metadata: dict[str, str]) -> str | None:
     if UNCOND_KEY in metadata:
         return json.loads(metadata[UNCOND_KEY])
     return None if "rectflow.train_config" in metadata else ""
+
+
+def model_hash(path) -> str | None:
+    """The file's 'Model hash' as AUTOMATIC1111 and Civitai show it (AutoV2: the first 10 hex digits of its
+    SHA-256); remembered per (path, size, mtime) in the user's cache so a 16 GB file is read once. None for folders."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rectflow" / "model_hashes.json"
+    try:
+        known = read_json(cache) or {}
+    except (ValueError, OSError):  # a damaged cache file is rebuilt
+        known = {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+        known[key] = digest.hexdigest()[:10]
+        try:
+            write_json(cache, known)
+        except OSError:  # a read-only home: the hash is still right, only not remembered
+            pass
+    return known[key]
 
 
 def save_released(model: MMDiT, path, prefix: bool = False) -> None:

@@ -63,17 +63,48 @@ def make_grid(images: list[Image.Image], captions: list[str], tile: int = 128, c
     return sheet
 
 
+SAMPLER_NAMES = {"euler": "Euler", "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}  # as A1111 / Forge name them
+
+
+def a1111_parameters(prompt: str, settings: dict, size: tuple[int, int]) -> str:
+    """The `parameters` text chunk of AUTOMATIC1111 / Forge / Civitai: the prompt, the negative prompt, then
+    'Key: value' pairs (the usual ones first; rectflow's shift, time grid and skip layers after)."""
+    lines = [prompt]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    pairs = [("Steps", settings.get("steps")), ("Sampler", SAMPLER_NAMES.get(settings.get("solver"))),
+             ("Schedule type", settings.get("schedule")), ("CFG scale", settings.get("cfg_scale")),
+             ("Seed", settings.get("seed")), ("Size", f"{size[0]}x{size[1]}"),
+             ("Model hash", settings.get("model_hash")), ("Model", settings.get("model")),
+             ("Shift", settings.get("shift"))]
+    slg = settings.get("slg")
+    if slg:
+        pairs.append(("Skip layers", f"{','.join(map(str, slg['layers']))} x{slg['scale']} "
+                                     f"({slg['start']}-{slg['stop']})"))
+    for lora in settings.get("loras") or ():
+        pairs.append(("LoRA", f"{Path(lora['file']).stem}:{lora['scale']}"))
+    pairs.append(("Version", "rectflow"))
+    lines.append(", ".join(f"{k}: {v}" for k, v in pairs if v is not None))
+    return "\n".join(lines)
+
+
 def save_images(images: torch.Tensor, prompts: list[str], out: str | Path, settings: dict,
-                singles: bool = True) -> Image.Image:
-    """Write the captioned grid to `out` and (singles=True) each image beside it as <stem>_NNN.png."""
+                singles: bool = True, batch_size: int | None = None) -> Image.Image:
+    """Write the captioned grid to `out` and (singles=True) each image beside it as <stem>_NNN.png, carrying its
+    prompt, rectflow's settings (with the prompts of the batch it was drawn in, which `rectflow sample --from-png`
+    redraws to reproduce it exactly) and an A1111-style `parameters` chunk."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pils = [to_pil(img) for img in images]
     if singles:
+        bs = batch_size or len(prompts)
         for i, (img, prompt) in enumerate(zip(pils, prompts)):
             seed = settings.get("seed", 0) + i
-            img.save(out.with_name(f"{out.stem}_{i:03d}.png"),
-                     pnginfo=png_info({"prompt": prompt, "rectflow": {**settings, "seed": seed}}))
+            lo = i - i % bs
+            batch = {"prompts": prompts[lo:lo + bs], "seed": settings.get("seed", 0) + lo, "index": i - lo}
+            fields = {"prompt": prompt, "rectflow": {**settings, "seed": seed, "batch": batch},
+                      "parameters": a1111_parameters(prompt, {**settings, "seed": seed}, img.size)}
+            img.save(out.with_name(f"{out.stem}_{i:03d}.png"), pnginfo=png_info(fields))
     grid = make_grid(pils, prompts)
     grid.save(out, pnginfo=png_info({"prompts": prompts, "rectflow": settings}))
     return grid

@@ -26,11 +26,11 @@ import yaml
 
 from rectflow.autoencoder import load_autoencoder
 from rectflow.checkpoints import load_model as load_weights
-from rectflow.checkpoints import uncond_prompt_of
+from rectflow.checkpoints import model_hash, uncond_prompt_of
 from rectflow.devices import resolve_device
 from rectflow.files import check_safetensors
 from rectflow.flow import Formulation
-from rectflow.images import make_grid, save_images, to_pil  # noqa: F401  (re-exported: rectflow.sample.save_images)
+from rectflow.images import make_grid, png_info, save_images, to_pil  # noqa: F401  (save_images: re-exported)
 from rectflow.lora import apply_loras
 from rectflow.presets import PRESETS, recognise
 from rectflow.presets import preset as preset_settings
@@ -235,6 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "clip_l,clip_g for SD3 without T5; absent ones give zeros (default: all)")
     p = parser.add_argument_group("prompts and output")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--from-png", default=None, metavar="FILE", help="redraw an image rectflow sample wrote, from the "
+                   "settings in its metadata (bit for bit on the same device); --out names the copy")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None, help="a prompt whose encoding is classifier-free guidance's "
                    "unconditional branch (default: zeros for rectflow runs, the empty prompt \"\" for released "
@@ -359,8 +361,57 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def settings_from_png(path: str | Path) -> tuple[dict, dict]:
+    """(rectflow's settings of a PNG that `rectflow sample` wrote, all its text chunks)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--from-png {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            chunks = dict(getattr(image, "text", {}) or {})
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--from-png {path} is not a readable image ({err})") from None
+    try:
+        settings = {**json.loads(chunks["rectflow"]), "prompt": chunks["prompt"]}
+        missing = {"source", "steps", "solver", "cfg_scale", "shift", "seed"} - set(settings)
+    except (KeyError, json.JSONDecodeError, TypeError):
+        missing = {"rectflow", "prompt"}
+    if missing:
+        raise ValueError(f"--from-png {path} carries no rectflow sample settings (a single image written by rectflow "
+                         f"sample has them; grids and other tools' PNGs do not)") from None
+    return settings, chunks
+
+
+def apply_png(args, settings: dict) -> int:
+    """Set every option of `args` to what drew the PNG's image (its whole batch, so that the image comes out bit
+    for bit); returns the image's index in that batch."""
+    batch = settings.get("batch") or {"prompts": [settings["prompt"]], "seed": settings["seed"], "index": 0}
+    slg = settings.get("slg")
+    values = {
+        "run": None, "checkpoint": settings["source"], "weights": None, "text_encoder": settings.get("text_encoder"),
+        "autoencoder": settings.get("autoencoder"), "formulation": settings.get("formulation"),
+        "resolution": settings.get("resolution"), "prompt": list(batch["prompts"]), "prompts_file": None,
+        "steps": settings["steps"], "solver": settings["solver"], "cfg_scale": settings["cfg_scale"],
+        "shift": str(settings["shift"]), "schedule": settings.get("schedule"), "seed": batch["seed"],
+        "negative_prompt": settings.get("negative_prompt"), "encoders": ",".join(settings.get("encoders") or []) or None,
+        "lora": [f"{lo['file']}:{lo['scale']}" for lo in settings.get("loras") or ()], "preset": "none",
+        "slg_layers": ",".join(map(str, slg["layers"])) if slg else "none",
+        "slg_scale": slg["scale"] if slg else None, "slg_start": slg["start"] if slg else None,
+        "slg_stop": slg["stop"] if slg else None, "t5_length": settings.get("t5_length"),
+        "no_t5": not settings.get("t5", True), "bf16": settings.get("bf16", False), "batch_size": len(batch["prompts"])}
+    for key, value in values.items():
+        setattr(args, key, value)
+    return batch["index"]
+
+
 def run(args) -> int:
     """Entry point of `rectflow sample`."""
+    png = None
+    if args.from_png:
+        settings, chunks = settings_from_png(args.from_png)
+        png = (apply_png(args, settings), chunks)
     if (args.run is None) == (args.checkpoint is None):
         print("rectflow sample: give exactly one of --run DIR or --checkpoint FILE", file=sys.stderr)
         return 2
@@ -384,13 +435,21 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"rectflow sample: {err}", file=sys.stderr)
         return 2
+    if png is not None:  # the one image the PNG holds, with the PNG's own metadata
+        index, chunks = png
+        to_pil(images[index]).save(args.out, pnginfo=png_info(chunks))
+        print(f"rectflow sample: redrew {args.from_png} into {args.out}", file=sys.stderr)
+        return 0
     uncond = args.negative_prompt if args.negative_prompt is not None else pipe.uncond_prompt
-    # weights: what the loaded file says it holds; source: the file itself
+    # weights: what the loaded file says it holds; source: the file itself; enough to redraw it (--from-png)
     meta = {**settings, "weights": pipe.weights, "source": pipe.source, "formulation": pipe.formulation.name,
             "encoders": encoders or list(pipe.text_encoder.encoder_names), "resolution": pipe.resolution,
             "negative_prompt": uncond,  # the prompt encoded for CFG's unconditional branch; null: zeros
             "loras": pipe.loras, "slg": None if slg is None else dataclasses.asdict(slg), "preset": pipe.preset,
-            "t5": not args.no_t5}
-    save_images(images, prompts, args.out, meta)
+            "t5": not args.no_t5, "t5_length": getattr(pipe.text_encoder, "t5_length", None), "bf16": args.bf16,
+            "text_encoder": args.text_encoder or pipe.train_config.get("text_encoder"),
+            "autoencoder": args.autoencoder or pipe.train_config.get("autoencoder"),
+            "model": Path(pipe.source).stem, "model_hash": model_hash(pipe.source)}
+    save_images(images, prompts, args.out, meta, batch_size=args.batch_size)
     print(f"rectflow sample: wrote {args.out} and {len(prompts)} images beside it", file=sys.stderr)
     return 0

@@ -102,3 +102,23 @@ def test_no_t5_loads_no_t5_and_equals_zeros_in_its_place(sd3):
     assert "t5" not in pipe.text_encoder.encoder_names and "t5" not in pipe.text_encoder.models
     images = generate(pipe, PROMPTS, steps=STEPS, cfg_scale=4.0, shift=3.0, schedule="sd3", seed=0)
     torch.testing.assert_close(images, ours(sd3, encoders=["clip_l", "clip_g"]), atol=1e-6, rtol=0)
+
+
+def test_png_parameters_and_from_png_redraws_bit_for_bit(sd3, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from rectflow.cli import main
+    common = ["--checkpoint", str(sd3.released), "--text-encoder", sd3.text_encoder, "--autoencoder",
+              sd3.autoencoder, "--resolution", "32", "--steps", "3", "--batch-size", "2", "--seed", "4"]
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    assert main(["sample", *common, *[x for p in prompts for x in ("--prompt", p)], "--negative-prompt", "blurry",
+                 "--slg-layers", "1", "--slg-stop", "0.9", "--out", str(tmp_path / "g.png")]) == 0
+    original = Image.open(tmp_path / "g_001.png")  # the second image of the first batch of two
+    params = original.text["parameters"].splitlines()
+    assert params[0] == "two blue squares" and params[1] == "Negative prompt: blurry"
+    assert "Steps: 3, Sampler: Euler" in params[2] and "Seed: 5" in params[2] and "Size: 32x32" in params[2]
+    assert "Model hash: " in params[2] and "Skip layers: 1 x2.8 (0.01-0.9)" in params[2]
+    assert main(["sample", "--from-png", str(tmp_path / "g_001.png"), "--out", str(tmp_path / "again.png")]) == 0
+    again = Image.open(tmp_path / "again.png")
+    assert np.array_equal(np.asarray(again), np.asarray(original)) and again.text == original.text
+    assert main(["sample", "--from-png", str(tmp_path / "g.png"), "--out", str(tmp_path / "x.png")]) == 2  # a grid
