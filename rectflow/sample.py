@@ -21,12 +21,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from rectflow.autoencoder import load_autoencoder
 from rectflow.checkpoints import load_model as load_weights
 from rectflow.checkpoints import model_hash, uncond_prompt_of
+from rectflow.data.folder import UnusableImage, fit, load_image
 from rectflow.devices import resolve_device
 from rectflow.files import check_safetensors
 from rectflow.flow import Formulation
@@ -176,9 +178,11 @@ def uncond_features(pipe: Pipeline, negative_prompt: str | None = None, encoders
 def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = "euler", cfg_scale: float = 4.0,
              shift: float = 1.0, schedule: str = "linear", seed: int = 0, batch_size: int = 8, encoders=None,
              bf16: bool = False, progress: bool = False, negative_prompt: str | None = None,
-             decode: bool = True, slg: SkipLayerGuidance | None = None) -> torch.Tensor:
+             decode: bool = True, slg: SkipLayerGuidance | None = None, init_latents: torch.Tensor | None = None,
+             strength: float = 1.0) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] for the prompts (decode=False: their latents); image i starts from noise seeded
-    by seed + i. slg: skip-layer guidance (rectflow.sampling.SkipLayerGuidance), with CFG on.
+    by seed + i. slg: skip-layer guidance (rectflow.sampling.SkipLayerGuidance), with CFG on. init_latents [N or 1,
+    C, h, w]: image-to-image from these latents (pipe.autoencoder.encode of the images) at `strength`.
 
     negative_prompt: its encoding is CFG's unconditional branch (default: see uncond_features).
     """
@@ -188,6 +192,11 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
         if not depth or max(slg.layers) >= depth:
             raise ValueError(f"--slg-layers {list(slg.layers)}: the model has joint blocks 0-{depth - 1}" if depth else
                              "skip-layer guidance needs an MM-DiT (joint blocks to skip)")
+    if init_latents is not None and (init_latents.shape[0] not in (1, len(prompts))
+                                     or tuple(init_latents.shape[1:]) != pipe.latent_shape()):
+        raise ValueError(f"image-to-image: {init_latents.shape[0]} init latents of shape "
+                         f"{tuple(init_latents.shape[1:])} for {len(prompts)} prompts; expected 1 or one per prompt of "
+                         f"shape {pipe.latent_shape()}")
     uncond = uncond_features(pipe, negative_prompt, encoders) if cfg_scale != 1 else None
     chunks = range(0, len(prompts), batch_size)
     if progress:
@@ -207,8 +216,11 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 return net(z, t).float()
 
+        init = None
+        if init_latents is not None:
+            init = init_latents.expand(len(prompts), *init_latents.shape[1:])[lo:lo + len(batch)].to(device)
         x0 = sample(model_fn, pipe.formulation, noise, steps=steps, solver=solver, shift=shift, schedule=schedule,
-                    on_step=net.on_step)
+                    on_step=net.on_step, init=init, strength=strength)
         out.append(pipe.autoencoder.decode(x0).float().clamp(-1, 1).cpu() if decode else x0.float().cpu())
     return torch.cat(out)
 
@@ -235,6 +247,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "clip_l,clip_g for SD3 without T5; absent ones give zeros (default: all)")
     p = parser.add_argument_group("prompts and output")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--init-image", action="append", default=[], metavar="FILE", help="image-to-image: start from "
+                   "this image (centre-cropped to the resolution) instead of noise; one for all prompts, or one per "
+                   "prompt (repeatable)")
+    p.add_argument("--strength", type=float, default=0.6, help="image-to-image: the share of the steps run from the "
+                   "noised image (1: all, ignoring the image; diffusers' default 0.6)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="redraw an image rectflow sample wrote, from the "
                    "settings in its metadata (bit for bit on the same device); --out names the copy")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
@@ -361,6 +378,23 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+@torch.no_grad()
+def encode_images(pipe: Pipeline, paths) -> torch.Tensor:
+    """Latents of image files for image-to-image: each centre-cropped to a square and resized to the pipeline's
+    resolution (LANCZOS), then encoded (the SD3 VAE's posterior mean, so the same file gives the same latents)."""
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--init-image {path} does not exist")
+        try:
+            image, _ = load_image(Path(path))
+        except UnusableImage as err:
+            raise ValueError(f"--init-image {path}: {err}") from None
+        array = torch.from_numpy(np.asarray(fit(image, pipe.resolution, "center"), dtype=np.float32).copy())
+        images.append(array.permute(2, 0, 1) / 127.5 - 1)
+    return pipe.autoencoder.encode(torch.stack(images).to(pipe.device)).float().cpu()
+
+
 def settings_from_png(path: str | Path) -> tuple[dict, dict]:
     """(rectflow's settings of a PNG that `rectflow sample` wrote, all its text chunks)."""
     from PIL import Image, UnidentifiedImageError
@@ -400,7 +434,8 @@ def apply_png(args, settings: dict) -> int:
         "slg_layers": ",".join(map(str, slg["layers"])) if slg else "none",
         "slg_scale": slg["scale"] if slg else None, "slg_start": slg["start"] if slg else None,
         "slg_stop": slg["stop"] if slg else None, "t5_length": settings.get("t5_length"),
-        "no_t5": not settings.get("t5", True), "bf16": settings.get("bf16", False), "batch_size": len(batch["prompts"])}
+        "no_t5": not settings.get("t5", True), "bf16": settings.get("bf16", False), "batch_size": len(batch["prompts"]),
+        "init_image": list(settings.get("init_images") or ()), "strength": settings.get("strength", 0.6)}
     for key, value in values.items():
         setattr(args, key, value)
     return batch["index"]
@@ -430,8 +465,12 @@ def run(args) -> int:
                   file=sys.stderr)
         encoders = [e.strip() for e in args.encoders.split(",") if e.strip()] if args.encoders else None
         settings, slg = sampler_settings(args, pipe)
+        init = encode_images(pipe, args.init_image) if args.init_image else None
+        if init is not None:
+            settings["strength"] = args.strength
         images = generate(pipe, prompts, batch_size=args.batch_size, encoders=encoders, bf16=args.bf16,
-                          progress=True, negative_prompt=args.negative_prompt, slg=slg, **settings)
+                          progress=True, negative_prompt=args.negative_prompt, slg=slg, init_latents=init,
+                          **settings)
     except (ValueError, FileNotFoundError) as err:
         print(f"rectflow sample: {err}", file=sys.stderr)
         return 2
@@ -449,7 +488,8 @@ def run(args) -> int:
             "t5": not args.no_t5, "t5_length": getattr(pipe.text_encoder, "t5_length", None), "bf16": args.bf16,
             "text_encoder": args.text_encoder or pipe.train_config.get("text_encoder"),
             "autoencoder": args.autoencoder or pipe.train_config.get("autoencoder"),
-            "model": Path(pipe.source).stem, "model_hash": model_hash(pipe.source)}
+            "model": Path(pipe.source).stem, "model_hash": model_hash(pipe.source),
+            "init_images": [str(Path(p).resolve()) for p in args.init_image]}
     save_images(images, prompts, args.out, meta, batch_size=args.batch_size)
     print(f"rectflow sample: wrote {args.out} and {len(prompts)} images beside it", file=sys.stderr)
     return 0

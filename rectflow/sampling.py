@@ -220,13 +220,32 @@ def formulation_grid(formulation: Formulation, steps: int, shift: float = 1.0, s
     return ts
 
 
+def img2img_start(steps: int, strength: float) -> int:
+    """The first grid index image-to-image samples from: the last strength * steps steps run (diffusers'
+    StableDiffusion3Img2ImgPipeline.get_timesteps, its rounding included)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"--strength: expected a value in (0, 1], got {strength!r}")
+    start = int(max(steps - min(steps * strength, steps), 0))
+    if start >= steps:
+        raise ValueError(f"--strength {strength} with {steps} steps leaves no step to run; raise either")
+    return start
+
+
 def sample(model_fn, formulation, noise, steps=28, solver="euler", shift=1.0, schedule="linear", callback=None,
-           on_step=None):
+           on_step=None, init=None, strength=1.0):
     """x0 from standard-normal noise: the prior z = noise * prior_scale at the start of
-    formulation_grid(formulation, steps, shift, schedule), then the solver (on_step(i) before step i)."""
+    formulation_grid(formulation, steps, shift, schedule), then the solver (on_step(i) before step i).
+
+    Image-to-image: with init (clean latents), the grid is entered at img2img_start(steps, strength), from the
+    forward process z_t = a_t init + b_t noise there (rf: (1 - t) init + t noise, diffusers' scale_noise)."""
     f = formulation if isinstance(formulation, Formulation) else Formulation.from_name(formulation)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
     ts = formulation_grid(f, steps, shift, schedule)
-    z = noise * f.prior_scale
+    if init is None:
+        z = noise * f.prior_scale
+    else:
+        ts = ts[img2img_start(steps, strength):]
+        a, b = _coefficients(f, float(ts[0]))
+        z = a * init + b * noise
     return SOLVERS[solver](model_fn, f, z, ts, callback, on_step)
