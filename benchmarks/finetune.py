@@ -3,9 +3,9 @@ MM-DiT with rectflow.lora against diffusers' SD3Transformer2DModel with peft, th
 checkpointing and bf16, measured side by side in one command; and the peak memory of loading a released-layout file.
 
 Every measurement runs in a process of its own, one thread: peak memory is the child's peak RSS on the CPU (VmHWM,
-which unlike ru_maxrss does not inherit the parent's high-water mark; torch.cuda.max_memory_allocated on a GPU), the
-step time its process CPU time per step (wall time on a GPU) after
-one warm-up step. A step: batch 1 of latents at the resolution, 333 text tokens (77 CLIP + 256 T5, 4096 wide) and a
+reset once the model is built so that the random init's temporaries do not count;
+torch.cuda.max_memory_allocated on a GPU) over the warm-up and the timed steps, the step time its process CPU time per
+step (wall time on a GPU) after one warm-up step. A step: batch 1 of latents at the resolution, 333 text tokens (77 CLIP + 256 T5, 4096 wide) and a
 pooled vector, forward under bf16 autocast, MSE loss, backward, AdamW over the trainable parameters. LoRA: frozen
 base in bf16, adapters in float32 (rank 16, alpha 16) on the attention projections of both streams (and MMDiT-X's
 second attention); full: float32 weights and AdamW state.
@@ -51,6 +51,14 @@ def rss(field: str = "VmHWM") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak(gpu: bool) -> None:
+    """Start the peak-memory count afresh (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def shape_config(name: str, depth: int | None) -> dict:
@@ -142,6 +150,7 @@ def worker(spec: dict) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-5)
     batch = inputs(cfg, spec["resolution"], device)
     gpu = device.type == "cuda"
+    reset_peak(gpu)  # the peak of training from here: the weights, activations and optimizer, not the random init
     clock = time.perf_counter if gpu else time.process_time
     step(spec["impl"], model, opt, batch, device)  # warm-up (allocates the optimizer state)
     if gpu:

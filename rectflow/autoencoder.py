@@ -43,6 +43,9 @@ class Autoencoder(nn.Module):
     def release_encoder(self) -> None:
         """Free the encoding half once every latent is cached (training then only decodes, for sample grids)."""
 
+    def enable_tiling(self) -> None:
+        """Decode large images in tiles (SD3's VAE; small ones have nothing to tile)."""
+
     def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
         """(channels, h, w) of the latents of a height x width image."""
         width = height if width is None else width
@@ -95,6 +98,9 @@ class SD3VAE(Autoencoder):
 
     def release_encoder(self) -> None:
         self.vae.encoder, self.vae.quant_conv = None, None
+
+    def enable_tiling(self) -> None:
+        self.vae.enable_tiling()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> (posterior mean - shift) * scale, float32."""

@@ -81,12 +81,15 @@ def read_metadata(path: Path) -> dict[str, str]:
     return check_safetensors(path).get("__metadata__") or {}
 
 
-def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
+def load_model(path: Path, device="cpu", dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
     """(network, training config dict or {}) from a rectflow weights file (an MM-DiT, or a baseline of the
-    architecture study: its config's "arch" key picks the class) or a released SD3 single file."""
+    architecture study: its config's "arch" key picks the class) or a released SD3 single file; in dtype when given
+    (bf16 halves the memory), else float32 on the CPU."""
     meta = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
     model = load_weights(path)
-    if torch.device(device).type == "cpu":
+    if dtype is not None:
+        model = model.to(dtype)
+    elif torch.device(device).type == "cpu":
         model = model.float()  # files may store bf16/fp16 (the shipped model, released files); fp16 is unusable on CPU
     train_config = json.loads(meta["rectflow.train_config"]) if "rectflow.train_config" in meta else {}
     return model.to(device).eval().requires_grad_(False), train_config
@@ -95,18 +98,20 @@ def load_model(path: Path, device="cpu") -> tuple[torch.nn.Module, dict]:
 def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights: str | None = None, device="cpu",
                   formulation: str | None = None, text_encoder: str | None = None, autoencoder: str | None = None,
                   resolution: int | None = None, step_dir: str | Path | None = None, loras=(),
-                  preset: str | None = None, t5_length: int | None = None, no_t5: bool = False) -> Pipeline:
+                  preset: str | None = None, t5_length: int | None = None, no_t5: bool = False,
+                  dtype: torch.dtype | None = None) -> Pipeline:
     """Everything needed to sample, from a run or a weights file; explicit arguments override the run's config.
 
     weights: see resolve_weights. step_dir: a checkpoint directory of `run` to load instead of its latest (so that
     several weight sets come from one checkpoint while the run goes on writing new ones). loras: 'FILE[:SCALE]'
     LoRAs merged into the weights in order (rectflow.lora). preset: a name of rectflow.presets, 'auto' (the one a
     released model's architecture matches) or None; its T5 length applies unless t5_length is given. no_t5: T5 is
-    not loaded, zeros take its place (as SD3 was trained to accept, docs/paper.md §4).
+    not loaded, zeros take its place (as SD3 was trained to accept, docs/paper.md §4). dtype: of every component
+    (bf16: half the memory; sample with bf16 autocast).
     """
     path = resolve_weights(run, checkpoint, weights) if step_dir is None else resolve_weights(
         None, str(step_dir), weights or "ema")
-    model, cfg = load_model(path, device)
+    model, cfg = load_model(path, device, dtype)
     applied = apply_loras(model, loras)
     released = not cfg  # no rectflow training config in the file: a released model
     meta = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
@@ -117,13 +122,13 @@ def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights
     if text_spec is None:
         raise ValueError(f"{path} carries no training config: give --text-encoder (e.g. 'sd3:clip_l=DIR,clip_g=DIR,"
                          f"t5=DIR') and --autoencoder (e.g. 'sd3-vae:DIR')")
-    ae = load_autoencoder(autoencoder or cfg.get("autoencoder", "identity")).to(device).eval()
+    ae = load_autoencoder(autoencoder or cfg.get("autoencoder", "identity"), dtype=dtype).to(device).eval()
     name = (recognise(model.config, path) if released else None) if preset == "auto" else preset
     if name is not None:
         preset_settings(name)  # an unknown name is an error naming the presets
     length = t5_length or (PRESETS[name]["t5_length"] if name else None)
     without = ("t5",) if no_t5 else ()
-    text = load_text_encoder(text_spec, t5_length=length, without=without,
+    text = load_text_encoder(text_spec, dtype=dtype, t5_length=length, without=without,
                              dims={"t5": model.config["context_dim"]} if no_t5 else None).to(device).eval()
     form = Formulation.from_name(formulation or cfg.get("formulation", DEFAULTS_FOR_RELEASED["formulation"]))
     side = resolution or cfg.get("resolution") or model.config["input_size"] * ae.factor
@@ -163,6 +168,15 @@ def keep_encoders(text_encoder, context: torch.Tensor, pooled: torch.Tensor,
     return context, pooled
 
 
+def release_text_encoder(pipe: Pipeline) -> None:
+    """Free the text encoders' weights (T5-XXL alone is 4.7B parameters) before the transformer runs."""
+    models = getattr(pipe.text_encoder, "models", None)
+    if isinstance(models, torch.nn.ModuleDict):
+        models.clear()
+    elif hasattr(pipe.text_encoder, "model"):
+        pipe.text_encoder.model = None
+
+
 @torch.no_grad()
 def uncond_features(pipe: Pipeline, negative_prompt: str | None = None, encoders=None):
     """(context [1, L, Dc], pooled [1, Dp]) of CFG's unconditional branch: the encoding of `negative_prompt`, else
@@ -179,10 +193,11 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
              shift: float = 1.0, schedule: str = "linear", seed: int = 0, batch_size: int = 8, encoders=None,
              bf16: bool = False, progress: bool = False, negative_prompt: str | None = None,
              decode: bool = True, slg: SkipLayerGuidance | None = None, init_latents: torch.Tensor | None = None,
-             strength: float = 1.0) -> torch.Tensor:
+             strength: float = 1.0, release_text: bool = False) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] for the prompts (decode=False: their latents); image i starts from noise seeded
     by seed + i. slg: skip-layer guidance (rectflow.sampling.SkipLayerGuidance), with CFG on. init_latents [N or 1,
-    C, h, w]: image-to-image from these latents (pipe.autoencoder.encode of the images) at `strength`.
+    C, h, w]: image-to-image from these latents (pipe.autoencoder.encode of the images) at `strength`. release_text:
+    free the text encoders once every prompt is encoded (one-shot use: the pipeline cannot encode afterwards).
 
     negative_prompt: its encoding is CFG's unconditional branch (default: see uncond_features).
     """
@@ -197,15 +212,19 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
         raise ValueError(f"image-to-image: {init_latents.shape[0]} init latents of shape "
                          f"{tuple(init_latents.shape[1:])} for {len(prompts)} prompts; expected 1 or one per prompt of "
                          f"shape {pipe.latent_shape()}")
+    # every prompt is encoded before the first denoising step, so the text encoders can go first (release_text)
     uncond = uncond_features(pipe, negative_prompt, encoders) if cfg_scale != 1 else None
-    chunks = range(0, len(prompts), batch_size)
+    starts = list(range(0, len(prompts), batch_size))
+    features = [keep_encoders(pipe.text_encoder, *pipe.text_encoder.encode(prompts[lo:lo + batch_size]), encoders)
+                for lo in starts]
+    if release_text:
+        release_text_encoder(pipe)
+    chunks = starts
     if progress:
         from tqdm import tqdm
         chunks = tqdm(chunks, unit="batch", desc="sampling")
-    for lo in chunks:
+    for lo, (context, pooled) in zip(chunks, features):
         batch = prompts[lo:lo + batch_size]
-        context, pooled = pipe.text_encoder.encode(batch)
-        context, pooled = keep_encoders(pipe.text_encoder, context, pooled, encoders)
         noise = torch.stack([torch.randn(pipe.latent_shape(), generator=torch.Generator().manual_seed(seed + lo + i))
                              for i in range(len(batch))]).to(device)
         u_context, u_pooled = (None, None) if uncond is None else (
@@ -290,6 +309,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the run's)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    m = parser.add_argument_group("memory")
+    m.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights of every component: bf16 "
+                   "halves the memory (and implies --bf16)")
+    m.add_argument("--vae-tiling", action="store_true", help="decode the SD3 VAE in tiles (large images)")
+    m.add_argument("--keep-text-encoders", action="store_true", help="keep the text encoders loaded while the "
+                   "transformer runs (by default they are freed once every prompt is encoded)")
 
 
 def _shift_value(text) -> float | str | None:
@@ -435,6 +460,7 @@ def apply_png(args, settings: dict) -> int:
         "slg_scale": slg["scale"] if slg else None, "slg_start": slg["start"] if slg else None,
         "slg_stop": slg["stop"] if slg else None, "t5_length": settings.get("t5_length"),
         "no_t5": not settings.get("t5", True), "bf16": settings.get("bf16", False), "batch_size": len(batch["prompts"]),
+        "dtype": settings.get("dtype", "fp32"),
         "init_image": list(settings.get("init_images") or ()), "strength": settings.get("strength", 0.6)}
     for key, value in values.items():
         setattr(args, key, value)
@@ -459,7 +485,9 @@ def run(args) -> int:
         pipe = load_pipeline(args.run, args.checkpoint, args.weights, device, args.formulation, args.text_encoder,
                              args.autoencoder, args.resolution, loras=args.lora,
                              preset=None if args.preset == "none" else args.preset, t5_length=args.t5_length,
-                             no_t5=args.no_t5)
+                             no_t5=args.no_t5, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+        if args.vae_tiling:
+            pipe.autoencoder.enable_tiling()
         if pipe.preset:
             print(f"rectflow sample: preset {pipe.preset} ({PRESETS[pipe.preset]['source']}); flags override it",
                   file=sys.stderr)
@@ -468,9 +496,9 @@ def run(args) -> int:
         init = encode_images(pipe, args.init_image) if args.init_image else None
         if init is not None:
             settings["strength"] = args.strength
-        images = generate(pipe, prompts, batch_size=args.batch_size, encoders=encoders, bf16=args.bf16,
-                          progress=True, negative_prompt=args.negative_prompt, slg=slg, init_latents=init,
-                          **settings)
+        images = generate(pipe, prompts, batch_size=args.batch_size, encoders=encoders,
+                          bf16=args.bf16 or args.dtype == "bf16", progress=True, negative_prompt=args.negative_prompt,
+                          slg=slg, init_latents=init, release_text=not args.keep_text_encoders, **settings)
     except (ValueError, FileNotFoundError) as err:
         print(f"rectflow sample: {err}", file=sys.stderr)
         return 2
@@ -486,6 +514,7 @@ def run(args) -> int:
             "negative_prompt": uncond,  # the prompt encoded for CFG's unconditional branch; null: zeros
             "loras": pipe.loras, "slg": None if slg is None else dataclasses.asdict(slg), "preset": pipe.preset,
             "t5": not args.no_t5, "t5_length": getattr(pipe.text_encoder, "t5_length", None), "bf16": args.bf16,
+            "dtype": args.dtype,
             "text_encoder": args.text_encoder or pipe.train_config.get("text_encoder"),
             "autoencoder": args.autoencoder or pipe.train_config.get("autoencoder"),
             "model": Path(pipe.source).stem, "model_hash": model_hash(pipe.source),

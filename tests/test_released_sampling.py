@@ -157,3 +157,22 @@ def test_image_to_image_matches_diffusers_img2img(sd3, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "i_000.png")), np.asarray(Image.open(tmp_path / "j.png")))
     assert main([*common, "--init-image", str(tmp_path / "red.png"), "--strength", "0",
                  "--out", str(tmp_path / "k.png")]) == 2
+
+
+def test_memory_options_bf16_components_tiled_decode_and_released_text_encoders(sd3, tmp_path):
+    import json
+    from PIL import Image
+    from rectflow.cli import main
+    pipe = load_pipeline(checkpoint=str(sd3.released), text_encoder=sd3.text_encoder, autoencoder=sd3.autoencoder,
+                         resolution=tiny_sd3.RESOLUTION, dtype=torch.bfloat16)
+    assert {p.dtype for p in pipe.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.autoencoder.parameters()} == {torch.bfloat16}
+    half = generate(pipe, PROMPTS, steps=STEPS, cfg_scale=4.0, shift=3.0, schedule="sd3", bf16=True,
+                    release_text=True)
+    assert len(pipe.text_encoder.models) == 0  # freed before the first denoising step
+    assert (half - ours(sd3)).abs().mean() < 0.05  # bf16 rounding, not another image
+    assert main(["sample", "--checkpoint", str(sd3.released), "--text-encoder", sd3.text_encoder, "--autoencoder",
+                 sd3.autoencoder, "--resolution", "32", "--steps", "2", "--dtype", "bf16", "--vae-tiling",
+                 "--prompt", "a red circle", "--out", str(tmp_path / "b.png")]) == 0
+    assert json.loads(Image.open(tmp_path / "b_000.png").text["rectflow"])["dtype"] == "bf16"
