@@ -37,7 +37,7 @@ from rectflow.lora import apply_loras
 from rectflow.presets import PRESETS, recognise
 from rectflow.presets import preset as preset_settings
 from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights  # noqa: F401
-from rectflow.sampling import SkipLayerGuidance, guided, sample
+from rectflow.sampling import SkipLayerGuidance, dynamic_shift, guided, sample
 from rectflow.text import load_text_encoder
 
 # docs/paper.md §6: the released models' inference settings
@@ -288,11 +288,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"ODE solver (default {DEFAULT_SAMPLER['solver']})")
     s.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = no guidance; "
                    f"default {DEFAULT_SAMPLER['cfg_scale']})")
-    s.add_argument("--shift", default=None, help="time-grid shift alpha, or auto: the reference shift scaled by "
-                   "sqrt(pixels / reference pixels) (docs/paper.md §5); default: the run's training shift, 3.0 for "
-                   "released files")
-    s.add_argument("--schedule", choices=("linear", "sd3"), default=None, help="time grid: linear, or sd3 (the "
-                   "released samplers' grid, docs/paper.md §6); default linear for runs, sd3 for released files")
+    s.add_argument("--shift", default=None, help="time-grid shift alpha; auto: the reference shift scaled by "
+                   "sqrt(pixels / reference pixels) (docs/paper.md §5); dynamic: diffusers' exp(mu) from the token "
+                   "count, on its sd3-dynamic grid; default: the run's training shift, 3.0 for released files")
+    s.add_argument("--schedule", choices=("linear", "sd3", "sd3-dynamic"), default=None, help="time grid: linear, "
+                   "or sd3 (the released samplers' grid, docs/paper.md §6); default linear for runs, sd3 for released "
+                   "files")
     s.add_argument("--slg-layers", default=None, metavar="7,8,9", help="skip-layer guidance: the joint blocks left "
                    "out of the extra conditional forward; none: off (default: the preset's, else off)")
     s.add_argument("--slg-scale", type=float, default=None, help="skip-layer guidance scale (default 2.8)")
@@ -318,13 +319,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _shift_value(text) -> float | str | None:
-    """--shift: None, 'auto' or a float."""
-    if text is None or text == "auto":
+    """--shift: None, 'auto', 'dynamic' or a float."""
+    if text is None or text in ("auto", "dynamic"):
         return text
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--shift: expected a number or auto, got {text!r}") from None
+        raise ValueError(f"--shift: expected a number, auto or dynamic, got {text!r}") from None
 
 
 def check_sampler_args(args) -> None:
@@ -379,8 +380,12 @@ def sampler_settings(args, pipe: Pipeline) -> tuple[dict, SkipLayerGuidance | No
     if shift == "auto":  # the reference shift belongs to the released models' 1024 px, or the run's resolution
         base_side = RELEASED_RESOLUTION if released else int(pipe.train_config.get("resolution", pipe.resolution))
         shift = reference * pipe.resolution / base_side  # sqrt(m / n) for square images of m and n pixels
+    default_schedule = DEFAULTS_FOR_RELEASED["schedule"] if released or chosen else "linear"
+    if shift == "dynamic":  # diffusers' use_dynamic_shifting: exp(mu) of the image's token count
+        tokens = (pipe.resolution // pipe.autoencoder.factor // pipe.model.config.get("patch_size", 1)) ** 2
+        shift, default_schedule = dynamic_shift(tokens), "sd3-dynamic"
     settings["shift"] = reference if shift is None else shift
-    settings["schedule"] = args.schedule or (DEFAULTS_FOR_RELEASED["schedule"] if released or chosen else "linear")
+    settings["schedule"] = args.schedule or default_schedule
     settings["seed"] = args.seed
     return settings, slg_from_args(args, chosen.get("slg"))
 

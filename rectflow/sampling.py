@@ -26,6 +26,8 @@ def time_grid(steps: int, shift: float = 1.0, schedule: str = "linear") -> torch
     linear: shift_time(linspace(1, 0, steps + 1), shift).
     sd3: shift_time(linspace(1, shift_time(1/1000, shift), steps), shift) then 0, the grid the released models are
     sampled with (docs/paper.md §6: the low end is shifted twice).
+    sd3-dynamic: shift_time(linspace(1, 1/1000, steps), shift) then 0, diffusers' grid with use_dynamic_shifting
+    (the shift is then exp(mu), dynamic_shift()).
     """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"time_grid: steps must be a positive integer, got {steps}")
@@ -36,7 +38,18 @@ def time_grid(steps: int, shift: float = 1.0, schedule: str = "linear") -> torch
         low = shift_time(1 / SD3_TRAIN_STEPS, shift)
         ts = shift_time(torch.linspace(1, low, steps, dtype=torch.float64), shift)
         return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
-    raise ValueError(f"time_grid: schedule must be 'linear' or 'sd3', got {schedule!r}")
+    if schedule == "sd3-dynamic":
+        ts = shift_time(torch.linspace(1, 1 / SD3_TRAIN_STEPS, steps, dtype=torch.float64), shift)
+        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
+    raise ValueError(f"time_grid: schedule must be 'linear', 'sd3' or 'sd3-dynamic', got {schedule!r}")
+
+
+def dynamic_shift(tokens: int, base_tokens: int = 256, max_tokens: int = 4096, base_mu: float = 0.5,
+                  max_mu: float = 1.15) -> float:
+    """diffusers' resolution-dependent shift (calculate_shift and FlowMatchEulerDiscreteScheduler's exponential
+    time_shift): exp(mu) with mu linear in the image's token count, 0.5 at 256 tokens and 1.15 at 4096."""
+    slope = (max_mu - base_mu) / (max_tokens - base_tokens)
+    return math.exp(base_mu + slope * (tokens - base_tokens))
 
 
 @dataclass(frozen=True)

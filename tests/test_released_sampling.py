@@ -94,6 +94,9 @@ def test_presets_are_recognised_and_resolve_as_documented(sd3, tmp_path):
                          autoencoder=sd3.autoencoder, resolution=512)
     settings, slg = sampler_settings(parser.parse_args(["--checkpoint", "x", "--shift", "auto"]), pipe)
     assert settings["shift"] == 1.5 and settings["schedule"] == "sd3" and slg is None
+    from rectflow.sampling import dynamic_shift
+    settings, _ = sampler_settings(parser.parse_args(["--checkpoint", "x", "--shift", "dynamic"]), pipe)
+    assert settings["schedule"] == "sd3-dynamic" and settings["shift"] == dynamic_shift((512 // 2 // 2) ** 2)
 
 
 def test_no_t5_loads_no_t5_and_equals_zeros_in_its_place(sd3):

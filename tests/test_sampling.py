@@ -243,3 +243,14 @@ def test_guided_batches_cond_and_uncond():
     model.calls.clear()
     torch.testing.assert_close(guided(model, context, y, 1.0)(x, t), cond)
     assert len(model.calls) == 1 and model.calls[0][0].shape[0] == 3  # scale 1: the unconditional branch cancels
+
+
+def test_dynamic_shift_grid_matches_diffusers():
+    FlowMatchEulerDiscreteScheduler = pytest.importorskip("diffusers").FlowMatchEulerDiscreteScheduler
+    from rectflow.sampling import dynamic_shift
+    for tokens, steps in ((256, 10), (1024, 28), (4096, 4)):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (tokens - 256)  # diffusers' calculate_shift
+        scheduler.set_timesteps(steps, mu=mu)
+        ours = time_grid(steps, dynamic_shift(tokens), "sd3-dynamic")
+        torch.testing.assert_close(ours.float(), scheduler.sigmas.float(), atol=1e-6, rtol=0)
