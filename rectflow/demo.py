@@ -20,7 +20,7 @@ from rectflow.config import recipe as load_recipe
 from rectflow.devices import resolve_device
 from rectflow.images import save_images
 from rectflow.runs import CONFIG
-from rectflow.sample import generate, load_pipeline
+from rectflow.pipeline import generate, load_pipeline
 from rectflow.training import Trainer, train
 from rectflow.training.data import default_prompts
 

@@ -41,7 +41,7 @@ from rectflow.evaluate.protocol import (  # noqa: F401  (Setting, fingerprint: a
 )
 from rectflow.files import atomic_path
 from rectflow.runs import latest_checkpoint, resolve_weights
-from rectflow.sample import load_model, load_pipeline
+from rectflow.pipeline import load_model, load_pipeline
 
 PAPER_SETTINGS = "50x1.0,50x2.5,50x5.0,5x5.0,10x5.0,25x5.0"  # steps x CFG scale (docs/paper.md §3)
 

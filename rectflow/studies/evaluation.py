@@ -32,7 +32,7 @@ from rectflow.evaluate.val_loss import validation_inputs, validation_loss
 from rectflow.files import atomic_path, file_lock, read_jsonl
 from rectflow.images import make_grid, to_pil
 from rectflow.runs import METRICS
-from rectflow.sample import Pipeline
+from rectflow.pipeline import Pipeline
 from rectflow.studies.common import StudyOptions, cached
 
 EVAL_BATCH = 64  # images per sampling batch

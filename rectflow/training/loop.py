@@ -36,7 +36,7 @@ from rectflow.files import write_text_atomic
 from rectflow.flow import Formulation
 from rectflow.images import save_images
 from rectflow.runs import CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkpoint_root, clean_temp, find_checkpoint
-from rectflow.sample import DEFAULTS_FOR_RELEASED, Pipeline, generate
+from rectflow.pipeline import DEFAULTS_FOR_RELEASED, Pipeline, generate
 from rectflow.training import distributed
 from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
 from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions, data_options, default_prompts,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from rectflow.files import DamagedFile, atomic_path, check_safetensors
 from rectflow.images import save_images
-from rectflow.sample import Pipeline, generate
+from rectflow.pipeline import Pipeline, generate
 from rectflow.training import distributed
 from rectflow.training.data import step_indices
 from rectflow.training.randomness import generator_for, seed_for
