@@ -187,11 +187,12 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
              shift: float = 1.0, schedule: str = "linear", seed: int = 0, batch_size: int = 8, encoders=None,
              bf16: bool = False, progress: bool = False, negative_prompt: str | None = None,
              decode: bool = True, slg: SkipLayerGuidance | None = None, init_latents: torch.Tensor | None = None,
-             strength: float = 1.0, release_text: bool = False) -> torch.Tensor:
+             strength: float = 1.0, release_text: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] for the prompts (decode=False: their latents); image i starts from noise seeded
     by seed + i. slg: skip-layer guidance (rectflow.sampling.SkipLayerGuidance), with CFG on. init_latents [N or 1,
     C, h, w]: image-to-image from these latents (pipe.autoencoder.encode of the images) at `strength`. release_text:
-    free the text encoders once every prompt is encoded (one-shot use: the pipeline cannot encode afterwards).
+    free the text encoders once every prompt is encoded (one-shot use: the pipeline cannot encode afterwards). mask
+    [N or 1, 1, h, w] (1: redraw, 0: keep) with init_latents: inpainting (rectflow.sampling.sample).
 
     negative_prompt: its encoding is CFG's unconditional branch (default: see uncond_features).
     """
@@ -229,13 +230,33 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 return net(z, t).float()
 
-        init = None
+        init = part = None
         if init_latents is not None:
             init = init_latents.expand(len(prompts), *init_latents.shape[1:])[lo:lo + len(batch)].to(device)
+        if mask is not None:
+            part = mask.expand(len(prompts), *mask.shape[1:])[lo:lo + len(batch)].to(device)
         x0 = sample(model_fn, pipe.formulation, noise, steps=steps, solver=solver, shift=shift, schedule=schedule,
-                    on_step=net.on_step, init=init, strength=strength)
+                    on_step=net.on_step, init=init, strength=strength, mask=part)
         out.append(pipe.autoencoder.decode(x0).float().clamp(-1, 1).cpu() if decode else x0.float().cpu())
     return torch.cat(out)
+
+
+def load_masks(pipe: Pipeline, paths) -> torch.Tensor:
+    """Inpainting masks [N, 1, h, w] at the latent resolution from image files (white: redraw, black: keep), cropped
+    and resized as encode_images crops the images, then binarised at 0.5 and resized by nearest neighbour, as
+    diffusers' mask processor does."""
+    masks = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--mask {path} does not exist")
+        try:
+            image, _ = load_image(Path(path))
+        except UnusableImage as err:
+            raise ValueError(f"--mask {path}: {err}") from None
+        gray = np.asarray(fit(image, pipe.resolution, "center").convert("L"), dtype=np.float32) / 255
+        masks.append(torch.from_numpy((gray >= 0.5).astype(np.float32))[None])
+    side = pipe.latent_shape()[1:]
+    return torch.nn.functional.interpolate(torch.stack(masks), size=side)
 
 
 @torch.no_grad()

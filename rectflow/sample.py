@@ -21,7 +21,7 @@ from rectflow.checkpoints import model_hash
 from rectflow.devices import resolve_device
 from rectflow.images import make_grid, png_info, save_images, to_pil  # noqa: F401  (make_grid, save_images: API)
 from rectflow.pipeline import (DEFAULT_SAMPLER, DEFAULTS_FOR_RELEASED, RELEASED_RESOLUTION,  # noqa: F401  (API)
-                               Pipeline, encode_images, generate, keep_encoders, load_model, load_pipeline,
+                               Pipeline, encode_images, generate, keep_encoders, load_masks, load_model, load_pipeline,
                                read_metadata, uncond_features)
 from rectflow.presets import PRESETS
 from rectflow.runs import WEIGHT_FILES, resolve_weights  # noqa: F401  (re-exported)
@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "prompt (repeatable)")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: the share of the steps run from the "
                    "noised image (1: all, ignoring the image; diffusers' default 0.6)")
+    p.add_argument("--mask", action="append", default=[], metavar="FILE", help="inpainting, with --init-image: "
+                   "white redraws, black keeps the image (one for all prompts, or one per prompt)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="redraw an image rectflow sample wrote, from the "
                    "settings in its metadata (bit for bit on the same device); --out names the copy")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
@@ -232,7 +234,8 @@ def apply_png(args, settings: dict) -> int:
         "slg_stop": slg["stop"] if slg else None, "t5_length": settings.get("t5_length"),
         "no_t5": not settings.get("t5", True), "bf16": settings.get("bf16", False), "batch_size": len(batch["prompts"]),
         "dtype": settings.get("dtype", "fp32"),
-        "init_image": list(settings.get("init_images") or ()), "strength": settings.get("strength", 0.6)}
+        "init_image": list(settings.get("init_images") or ()), "strength": settings.get("strength", 0.6),
+        "mask": list(settings.get("masks") or ())}
     for key, value in values.items():
         setattr(args, key, value)
     return batch["index"]
@@ -267,9 +270,13 @@ def run(args) -> int:
         init = encode_images(pipe, args.init_image) if args.init_image else None
         if init is not None:
             settings["strength"] = args.strength
+        if args.mask and init is None:
+            raise ValueError("--mask: inpainting needs --init-image (the image to keep outside the mask)")
+        mask = load_masks(pipe, args.mask) if args.mask else None
         images = generate(pipe, prompts, batch_size=args.batch_size, encoders=encoders,
                           bf16=args.bf16 or args.dtype == "bf16", progress=True, negative_prompt=args.negative_prompt,
-                          slg=slg, init_latents=init, release_text=not args.keep_text_encoders, **settings)
+                          slg=slg, init_latents=init, release_text=not args.keep_text_encoders, mask=mask,
+                          **settings)
     except (ValueError, FileNotFoundError) as err:
         print(f"rectflow sample: {err}", file=sys.stderr)
         return 2
@@ -289,7 +296,8 @@ def run(args) -> int:
             "text_encoder": args.text_encoder or pipe.train_config.get("text_encoder"),
             "autoencoder": args.autoencoder or pipe.train_config.get("autoencoder"),
             "model": Path(pipe.source).stem, "model_hash": model_hash(pipe.source),
-            "init_images": [str(Path(p).resolve()) for p in args.init_image]}
+            "init_images": [str(Path(p).resolve()) for p in args.init_image],
+            "masks": [str(Path(p).resolve()) for p in args.mask]}
     save_images(images, prompts, args.out, meta, batch_size=args.batch_size)
     print(f"rectflow sample: wrote {args.out} and {len(prompts)} images beside it", file=sys.stderr)
     return 0

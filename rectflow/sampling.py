@@ -139,6 +139,11 @@ def _enter(on_step, i: int) -> None:
         on_step(i)
 
 
+def _leave(after_step, i: int, z):
+    """z after step i, as after_step(i, z) changes it (inpainting's blend), else as it is."""
+    return z if after_step is None else after_step(i, z)
+
+
 def _times(ts) -> list[float]:
     """The grid as python floats (float64), checked to decrease."""
     ts = [float(t) for t in (ts.tolist() if isinstance(ts, torch.Tensor) else ts)]
@@ -147,7 +152,7 @@ def _times(ts) -> list[float]:
     return ts
 
 
-def sample_euler(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None):
+def sample_euler(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None, after_step=None):
     """Euler (DDIM for non-rf formulations) from ts[0] to ts[-1]; callback(i, t, z, x0_hat) before each step,
     on_step(i) before step i's evaluations."""
     ts = _times(ts)
@@ -156,11 +161,11 @@ def sample_euler(model_fn, formulation: Formulation, z, ts, callback=None, on_st
         x0, v = _evaluate(model_fn, formulation, z, t)
         if callback is not None:
             callback(i, t, z, x0)
-        z = _step(formulation, z, t, t_next, v)
+        z = _leave(after_step, i, _step(formulation, z, t, t_next, v))
     return z
 
 
-def sample_heun(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None):
+def sample_heun(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None, after_step=None):
     """Heun's second-order method; the step into t = 0 is an Euler step (nothing to evaluate there)."""
     ts = _times(ts)
     for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
@@ -173,10 +178,11 @@ def sample_heun(model_fn, formulation: Formulation, z, ts, callback=None, on_ste
         else:
             _, v_next = _evaluate(model_fn, formulation, _step(formulation, z, t, t_next, v), t_next)
             z = _step(formulation, z, t, t_next, (v + v_next) / 2)
+        z = _leave(after_step, i, z)
     return z
 
 
-def sample_dpmpp_2m(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None):
+def sample_dpmpp_2m(model_fn, formulation: Formulation, z, ts, callback=None, on_step=None, after_step=None):
     """DPM-Solver++(2M) in x0 form over the half log-SNR l = log(a / b) (Lu et al. 2022), for any a_t, b_t.
 
     z' = (b'/b) z - a' expm1(-h) D with h = l' - l and D the x0_hat extrapolated along l from the previous step;
@@ -193,7 +199,7 @@ def sample_dpmpp_2m(model_fn, formulation: Formulation, z, ts, callback=None, on
         a, b = _coefficients(f, t)
         a_next, b_next = _coefficients(f, t_next)
         if b_next == 0:
-            z = a_next * x0
+            z = _leave(after_step, i, a_next * x0)
             continue
         h = float(f.lam(torch.tensor(t_next, dtype=torch.float64)) - f.lam(torch.tensor(t, dtype=torch.float64))) / 2
         if x0_prev is None or not math.isfinite(h_prev):
@@ -201,7 +207,7 @@ def sample_dpmpp_2m(model_fn, formulation: Formulation, z, ts, callback=None, on
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        z = (b_next / b) * z - (a_next * math.expm1(-h)) * d
+        z = _leave(after_step, i, (b_next / b) * z - (a_next * math.expm1(-h)) * d)
         x0_prev, h_prev = x0, h
     return z
 
@@ -245,20 +251,33 @@ def img2img_start(steps: int, strength: float) -> int:
 
 
 def sample(model_fn, formulation, noise, steps=28, solver="euler", shift=1.0, schedule="linear", callback=None,
-           on_step=None, init=None, strength=1.0):
+           on_step=None, init=None, strength=1.0, mask=None):
     """x0 from standard-normal noise: the prior z = noise * prior_scale at the start of
     formulation_grid(formulation, steps, shift, schedule), then the solver (on_step(i) before step i).
 
     Image-to-image: with init (clean latents), the grid is entered at img2img_start(steps, strength), from the
-    forward process z_t = a_t init + b_t noise there (rf: (1 - t) init + t noise, diffusers' scale_noise)."""
+    forward process z_t = a_t init + b_t noise there (rf: (1 - t) init + t noise, diffusers' scale_noise).
+    Inpainting: with a mask (1: redraw, 0: keep; broadcast over channels) as well, after every step the kept region is
+    set back to init noised to the step's end time (diffusers' StableDiffusion3InpaintPipeline for 16-channel
+    models); after the last step it is init itself."""
     f = formulation if isinstance(formulation, Formulation) else Formulation.from_name(formulation)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
     ts = formulation_grid(f, steps, shift, schedule)
+    after_step = None
     if init is None:
+        if mask is not None:
+            raise ValueError("inpainting needs the image to keep (init) as well as the mask")
         z = noise * f.prior_scale
     else:
         ts = ts[img2img_start(steps, strength):]
         a, b = _coefficients(f, float(ts[0]))
         z = a * init + b * noise
-    return SOLVERS[solver](model_fn, f, z, ts, callback, on_step)
+        if mask is not None:
+            times = _times(ts)
+
+            def blend(i, z_next):
+                a_next, b_next = _coefficients(f, times[i + 1])
+                return (1 - mask) * (a_next * init + b_next * noise) + mask * z_next
+            after_step = blend
+    return SOLVERS[solver](model_fn, f, z, ts, callback, on_step, after_step)
