@@ -107,6 +107,7 @@ def test_fine_tuning_errors_name_the_problem(sd3, tmp_path, capsys):
     assert "bf16 base weights need bf16 autocast" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # caches 1,316 emoji latents
 def test_encoders_are_released_after_caching_and_grids_and_validation_still_work(sd3, tmp_path):
     from rectflow.training.loop import Trainer
     from rectflow.training.cli import add_arguments, config_from_args
