@@ -241,36 +241,33 @@ def generate(pipe: Pipeline, prompts: list[str], steps: int = 28, solver: str = 
     return torch.cat(out)
 
 
+def _fitted(pipe: Pipeline, paths, flag: str) -> list:
+    """Image files centre-cropped to squares of the pipeline's resolution (LANCZOS); errors name the flag."""
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+        try:
+            image, _ = load_image(Path(path))
+        except UnusableImage as err:
+            raise ValueError(f"{flag} {path}: {err}") from None
+        images.append(fit(image, pipe.resolution, "center"))
+    return images
+
+
 def load_masks(pipe: Pipeline, paths) -> torch.Tensor:
     """Inpainting masks [N, 1, h, w] at the latent resolution from image files (white: redraw, black: keep), cropped
     and resized as encode_images crops the images, then binarised at 0.5 and resized by nearest neighbour, as
     diffusers' mask processor does."""
-    masks = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--mask {path} does not exist")
-        try:
-            image, _ = load_image(Path(path))
-        except UnusableImage as err:
-            raise ValueError(f"--mask {path}: {err}") from None
-        gray = np.asarray(fit(image, pipe.resolution, "center").convert("L"), dtype=np.float32) / 255
-        masks.append(torch.from_numpy((gray >= 0.5).astype(np.float32))[None])
-    side = pipe.latent_shape()[1:]
-    return torch.nn.functional.interpolate(torch.stack(masks), size=side)
+    masks = [torch.from_numpy((np.asarray(m.convert("L"), dtype=np.float32) / 255 >= 0.5).astype(np.float32))[None]
+             for m in _fitted(pipe, paths, "--mask")]
+    return torch.nn.functional.interpolate(torch.stack(masks), size=pipe.latent_shape()[1:])
 
 
 @torch.no_grad()
 def encode_images(pipe: Pipeline, paths) -> torch.Tensor:
     """Latents of image files for image-to-image: each centre-cropped to a square and resized to the pipeline's
     resolution (LANCZOS), then encoded (the SD3 VAE's posterior mean, so the same file gives the same latents)."""
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--init-image {path} does not exist")
-        try:
-            image, _ = load_image(Path(path))
-        except UnusableImage as err:
-            raise ValueError(f"--init-image {path}: {err}") from None
-        array = torch.from_numpy(np.asarray(fit(image, pipe.resolution, "center"), dtype=np.float32).copy())
-        images.append(array.permute(2, 0, 1) / 127.5 - 1)
+    images = [torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+              for im in _fitted(pipe, paths, "--init-image")]
     return pipe.autoencoder.encode(torch.stack(images).to(pipe.device)).float().cpu()
