@@ -68,6 +68,8 @@ class TrainConfig:
     patch_size: int = _f(4, "side of the square patches cut from the latent (the paper uses 2 on 32x32 latents)")
     qk_norm: str = _f("rms", "normalisation of queries and keys per head (docs/paper.md §4)", ("none", "rms", "ln"))
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass (less memory, slower)")
+    grad_checkpointing_every: int = _f(1, "with grad_checkpointing, recompute every k-th MM-DiT block only (blocks "
+                                          "0, k, 2k, ...): memory between none and all; 1: every block")
     instance_prompt: str | None = _f(None, "the caption of every folder image that has none (DreamBooth style, e.g. "
                                            "'a photo of sks dog'); null: such images train with the empty caption")
     class_prompt: str | None = _f(None, "DreamBooth prior preservation: before training the base model draws "
@@ -143,6 +145,8 @@ class TrainConfig:
                                              "free the text encoders and the autoencoder's encoder before training; "
                                              "null: when the text encoders are large (over 100M parameters: SD3's)",
                                        resume=True)
+    profile_steps: int = _f(0, "write a torch profiler trace (Chrome format, <run>/profile/) of this many steps after "
+                               "the first; 0: none", resume=True)
     cache_dir: str | None = _f(None, "folder for cached text features (one file per caption) and latents, shareable "
                                      "between runs; null: text features in memory only, latents in <run>/cache",
                                  resume=True)
@@ -155,12 +159,12 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ValueError(f"config key {f.name!r}: expected one of {list(choices)}, got {value!r}")
         positive = ["resolution", "depth", "patch_size", "batch_size", "grad_accum", "ema_every", "max_bad_steps",
-                    "keep_last", "log_every", "sample_steps", "val_size"]
+                    "keep_last", "log_every", "sample_steps", "val_size", "grad_checkpointing_every"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r}: expected a positive integer, got {getattr(self, name)!r}")
         for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "val_every", "workers",
-                     "grad_clip", "min_lr", "weight_decay", "shift"]:
+                     "profile_steps", "grad_clip", "min_lr", "weight_decay", "shift"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):

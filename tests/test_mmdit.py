@@ -233,3 +233,17 @@ def test_cpu_bf16_matmul_attention_matches_sdpa(monkeypatch):
     assert (fast.float() - exact).abs().max() < 0.05 * scale
     assert (fast.float() - exact).pow(2).mean().sqrt() < 0.015 * scale
     assert (flash.float() - exact).pow(2).mean().sqrt() < 0.015 * scale
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_identical_gradients(every):
+    def grads(checkpointing):
+        model = tiny("sd35m")
+        model.gradient_checkpointing = checkpointing
+        x, t, ctx, y = inputs(16, 16)
+        model(x, t, ctx, y).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    plain, checkpointed = grads(0), grads(every)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)

@@ -595,3 +595,11 @@ def test_loader_workers_give_the_same_run_and_resume_exactly(tmp_path):
     second.fit()
     assert first.batches.from_workers == 2 and second.batches.from_workers == 2  # every batch came from the loader
     assert losses(tmp_path / "workers") == losses(tmp_path / "plain")
+
+
+def test_profile_trace_and_data_wait_are_written(tmp_path):
+    train_mod.train(tiny(max_steps=4, profile_steps=2), tmp_path / "r")
+    traces = list((tmp_path / "r" / "profile").glob("trace_steps_2-3.json"))
+    assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["data_wait"] < 1 for r in recs)

@@ -359,7 +359,8 @@ class MMDiT(nn.Module):
         for i, block in enumerate(self.joint_blocks):
             if i in skip:
                 continue
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            every = int(self.gradient_checkpointing)  # True: every block; k: blocks 0, k, 2k, ...
+            if every and i % every == 0 and torch.is_grad_enabled():
                 ctx, tokens = checkpoint(block, ctx, tokens, c_act, use_reentrant=False)
             else:
                 ctx, tokens = block(ctx, tokens, c_act)

@@ -54,6 +54,38 @@ class TrainingAborted(RuntimeError):
 
 
 
+class StepProfiler:
+    """A torch profiler trace (Chrome format) of `count` steps from step `first` on (profile_steps)."""
+
+    def __init__(self, folder: Path, first: int, count: int, device: torch.device):
+        self.folder, self.first, self.last, self.prof = folder, first, first + count - 1, None
+        self.device = device
+        if not count:
+            self.last = -1
+
+    def _maybe_start(self, done: int) -> None:
+        if self.prof is None and done + 1 == self.first:
+            from torch.profiler import ProfilerActivity, profile  # only profiled runs pay its import
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=activities, record_shapes=True)
+            self.prof.__enter__()
+
+    def after_step(self, done: int) -> None:
+        """Called with the number of steps done: starts before `first`, stops and writes after `last`."""
+        if self.prof is not None and done >= self.last:
+            self.close()
+            self.last = -1
+        elif self.last >= 0:
+            self._maybe_start(done)
+
+    def close(self) -> None:
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.folder / f"trace_steps_{self.first}-{self.last}.json"))
+            self.prof = None
+
+
 class Trainer:
     """One training run in a run directory; `fit()` trains from the latest checkpoint (or scratch) to max_steps."""
 
@@ -149,7 +181,7 @@ class Trainer:
                                      self.text.pooled_dim, context_splits(self.text))
         else:
             self.model = self.init.model
-            self.model.gradient_checkpointing = cfg.grad_checkpointing
+            self.model.gradient_checkpointing = cfg.grad_checkpointing_every if cfg.grad_checkpointing else 0
         self.uncond_prompt = self.init.uncond_prompt if self.init else None
         if cfg.lora:
             attach_lora(self.model, cfg)
@@ -239,10 +271,13 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         prior_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         prior = self.prior.step_inputs(step, B, self.formulation, self.device) if self.prior else None
+        data_wait = 0.0  # seconds this step waited for its inputs
         for a in range(cfg.grad_accum):
             lo = (a * world + self.ctx.rank) * self.micro
             sl = slice(lo, lo + self.micro)
+            t_data = time.perf_counter()
             x0, captions = self.batches.load(indices[sl])
+            data_wait += time.perf_counter() - t_data
             context, pooled = self._conditioning(captions, step, range(lo, lo + self.micro))
             last = a == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
@@ -280,7 +315,7 @@ class Trainer:
             self.bad_streak += 1
         self.step += 1
         self.images_seen += B
-        extra = {} if prior_loss is None else {"prior_loss": prior_loss}
+        extra = {"data_wait_s": data_wait, **({} if prior_loss is None else {"prior_loss": prior_loss})}
         return {"step": self.step, "loss": loss if ok else None, "lr": lr, **extra,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 **({} if ok else {"nonfinite": True, "bad_loss": repr(loss), "bad_grad_norm": repr(grad_norm)})}
@@ -383,6 +418,9 @@ class Trainer:
                                    self.ctx.rank, cfg.grad_accum)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         start, window = time.perf_counter(), []
+        # the profiled steps start after one warm-up step
+        profiler = StepProfiler(self.run_dir / "profile", self.step + 2, cfg.profile_steps if main else 0,
+                                self.device)
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -390,7 +428,9 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 window = (window + [dt])[-cfg.log_every:]
                 metrics["img_per_s"] = cfg.batch_size / dt
+                metrics["data_wait"] = metrics.pop("data_wait_s") / dt  # the share of the step spent waiting for data
                 metrics["time"] = time.perf_counter() - start
+                profiler.after_step(self.step)
                 if main and cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
                     metrics.update(self.validation())  # after the timing: img_per_s stays the training speed
                 bar.update(1)
@@ -410,6 +450,7 @@ class Trainer:
                 if main and cfg.sample_every and self.prompts and (done or self.step % cfg.sample_every == 0):
                     self.write_samples()
         finally:
+            profiler.close()
             bar.close()
             if main and self._writer is not None:
                 self._metrics.close()
@@ -428,7 +469,8 @@ class Trainer:
         self._writer.add_scalar("train/img_per_s", img_s, self.step)
         self._writer.add_scalar("train/skipped_steps", self.skipped, self.step)
         loss = metrics["loss"]
-        bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", img_s=f"{img_s:.1f}", skipped=self.skipped)
+        bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", img_s=f"{img_s:.1f}",
+                        data_wait=f"{metrics['data_wait']:.0%}", skipped=self.skipped)
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, from_last_good: bool = False) -> Path:
