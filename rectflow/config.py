@@ -68,6 +68,8 @@ class TrainConfig:
     patch_size: int = _f(4, "side of the square patches cut from the latent (the paper uses 2 on 32x32 latents)")
     qk_norm: str = _f("rms", "normalisation of queries and keys per head (docs/paper.md §4)", ("none", "rms", "ln"))
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass (less memory, slower)")
+    compile: bool = _f(False, "torch.compile each transformer block (training and sample grids; the first steps "
+                              "pay the compilation)")
     grad_checkpointing_every: int = _f(1, "with grad_checkpointing, recompute every k-th MM-DiT block only (blocks "
                                           "0, k, 2k, ...): memory between none and all; 1: every block")
     instance_prompt: str | None = _f(None, "the caption of every folder image that has none (DreamBooth style, e.g. "

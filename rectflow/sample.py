@@ -20,6 +20,7 @@ import torch
 from rectflow.checkpoints import model_hash
 from rectflow.devices import resolve_device
 from rectflow.images import make_grid, png_info, save_images, to_pil  # noqa: F401  (make_grid, save_images: API)
+from rectflow.models.layers import compile_blocks
 from rectflow.pipeline import (DEFAULT_SAMPLER, DEFAULTS_FOR_RELEASED, RELEASED_RESOLUTION,  # noqa: F401  (API)
                                Pipeline, encode_images, generate, keep_encoders, load_masks, load_model, load_pipeline,
                                read_metadata, uncond_features)
@@ -98,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("memory")
     m.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights of every component: bf16 "
                    "halves the memory (and implies --bf16)")
+    m.add_argument("--compile", action="store_true", help="torch.compile each transformer block (pays off over many "
+                   "steps and images)")
     m.add_argument("--vae-tiling", action="store_true", help="decode the SD3 VAE in tiles (large images)")
     m.add_argument("--keep-text-encoders", action="store_true", help="keep the text encoders loaded while the "
                    "transformer runs (by default they are freed once every prompt is encoded)")
@@ -262,6 +265,8 @@ def run(args) -> int:
                              no_t5=args.no_t5, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
         if args.vae_tiling:
             pipe.autoencoder.enable_tiling()
+        if args.compile:
+            compile_blocks(pipe.model)
         if pipe.preset:
             print(f"rectflow sample: preset {pipe.preset} ({PRESETS[pipe.preset]['source']}); flags override it",
                   file=sys.stderr)

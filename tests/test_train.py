@@ -603,3 +603,10 @@ def test_profile_trace_and_data_wait_are_written(tmp_path):
     assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
     recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= r["data_wait"] < 1 for r in recs)
+
+
+@pytest.mark.slow  # compiles the blocks (~20 s)
+def test_compiled_blocks_give_matching_losses(tmp_path):
+    train_mod.train(tiny(max_steps=3, bf16=False), tmp_path / "eager")
+    train_mod.train(tiny(max_steps=3, bf16=False, compile=True), tmp_path / "compiled")
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)

@@ -208,3 +208,18 @@ def unpatchify(out: torch.Tensor, h: int, w: int, p: int, c: int) -> torch.Tenso
     """Patch outputs [B, h * w, p * p * C] (ordered p, p, C, as the released MM-DiT) -> image [B, C, h p, w p]."""
     out = out.reshape(out.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
     return out.reshape(out.shape[0], c, h * p, w * p)
+
+
+BLOCK_LISTS = ("joint_blocks", "blocks", "context_blocks")  # the transformer blocks of MM-DiT and the baselines
+
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """torch.compile each transformer block in place (nn.Module.compile: the state dict keeps its keys, and a block
+    compiles once for all its calls); a model without block lists is compiled whole."""
+    lists = [getattr(model, name) for name in BLOCK_LISTS if isinstance(getattr(model, name, None), nn.ModuleList)]
+    if not lists:
+        model.compile()
+    for blocks in lists:
+        for block in blocks:
+            block.compile()
+    return model

@@ -35,6 +35,7 @@ from rectflow.evaluate.val_loss import validation_inputs, validation_loss
 from rectflow.files import write_text_atomic
 from rectflow.flow import Formulation
 from rectflow.images import save_images
+from rectflow.models.layers import compile_blocks
 from rectflow.runs import CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkpoint_root, clean_temp, find_checkpoint
 from rectflow.pipeline import DEFAULTS_FOR_RELEASED, Pipeline, generate
 from rectflow.training import distributed
@@ -186,6 +187,8 @@ class Trainer:
         if cfg.lora:
             attach_lora(self.model, cfg)
         self.model.to(self.device)
+        if cfg.compile:
+            compile_blocks(self.model)
         if cfg.lora:
             self.lora, self.ema = LoRATraining(self.model, self.init.path), None
         else:
