@@ -121,6 +121,9 @@ class TrainConfig:
     max_bad_steps: int = _f(20, "abort after this many non-finite losses (or gradient norms) in a row; each one "
                                 "skips its step", resume=True)
     seed: int = _f(0, "seed of the model init, the data order and all training noise")
+    parallel: str = _f("ddp", "several processes (torchrun): ddp replicates the model, fsdp shards model, EMA and "
+                              "optimizer over them (FSDP2; sample grids and validation are off then)",
+                       ("ddp", "fsdp"))
     device: str = _f("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; under torchrun each "
                              "process uses cuda:LOCAL_RANK", resume=True)
     # bookkeeping
@@ -191,6 +194,9 @@ class TrainConfig:
         if self.class_images < 1 or self.prior_weight < 0:
             raise ValueError(f"config keys 'class_images' / 'prior_weight': expected >= 1 / >= 0, got "
                              f"{self.class_images!r} / {self.prior_weight!r}")
+        if self.parallel == "fsdp" and (self.lora or self.sample_every or self.val_every or self.class_prompt):
+            raise ValueError("config key 'parallel': fsdp does not yet combine with lora, sample_every, val_every or "
+                             "class_prompt (set them to 0 / null, or use ddp)")
         if self.lora < 0:
             raise ValueError(f"config key 'lora': expected a rank >= 1, or 0 for no LoRA, got {self.lora!r}")
         if self.lora and not self.init:

@@ -54,3 +54,31 @@ def test_two_processes_match_one(tmp_path):
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 4
     assert load_state(find_checkpoint(two))["world_size"] == 2
     assert load_state(find_checkpoint(one))["world_size"] == 1
+
+
+@pytest.mark.slow  # five spawned processes
+def test_fsdp_two_processes_match_one_and_resume_on_one(tmp_path):
+    plain, fsdp, cut = tmp_path / "plain", tmp_path / "fsdp", tmp_path / "cut"
+    sharded = {**CFG, "parallel": "fsdp", "checkpoint_every": 2, "lr_schedule": "constant"}
+    mp.start_processes(_worker, args=(1, _free_port(), str(plain), {**sharded, "parallel": "ddp"}), nprocs=1,
+                       start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), str(fsdp), sharded), nprocs=2, start_method="spawn")
+    a, b = _losses(plain), _losses(fsdp)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    wa, wb = (load_file(find_checkpoint(r) / "model.safetensors") for r in (plain, fsdp))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    assert load_state(find_checkpoint(fsdp))["optimizer_format"] == "fqn"
+    # saved by 2 sharded processes at step 2, continued by 1 plain one: the next losses are the same
+    mp.start_processes(_worker, args=(2, _free_port(), str(cut), {**sharded, "max_steps": 2}), nprocs=2,
+                       start_method="spawn")
+    mp.start_processes(_resume_worker, args=(1, _free_port(), str(cut), {**sharded, "parallel": "ddp"}), nprocs=1,
+                       start_method="spawn")
+    torch.testing.assert_close(torch.tensor(_losses(cut)), torch.tensor(b), rtol=1e-5, atol=1e-6)
+
+
+def _resume_worker(rank: int, world: int, port: int, out: str, cfg: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(TrainConfig.from_dict(cfg), out, resume=True)

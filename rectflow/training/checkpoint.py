@@ -26,22 +26,26 @@ def weights_metadata(model: torch.nn.Module, cfg: TrainConfig, step: int, kind: 
             "rectflow.weights": kind, UNCOND_KEY: json.dumps(uncond_prompt)}
 
 
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """Write a model's state dict as safetensors (contiguous float copies) with metadata."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str], state_dict: dict | None = None) -> None:
+    """Write a model's state dict (or the given full one, gathered from shards) as safetensors with metadata."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(path), metadata=metadata)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, state: dict, cfg: TrainConfig, lora=None,
-                    uncond_prompt: str | None = None) -> Path:
+                    uncond_prompt: str | None = None, state_dicts: tuple | None = None) -> Path:
     """Write checkpoints/step_N (raw and EMA weights, or a LoRA run's adapters, and the training state) atomically;
     prune to cfg.keep_last."""
     def write(folder: Path) -> None:
         if lora is not None:
             lora.write(folder, weights_metadata(model, cfg, step, "lora", uncond_prompt))
         else:
-            save_weights(model, folder / WEIGHT_FILES["raw"], weights_metadata(model, cfg, step, "raw", uncond_prompt))
-            save_weights(ema, folder / WEIGHT_FILES["ema"], weights_metadata(ema, cfg, step, "ema", uncond_prompt))
+            model_sd, ema_sd = state_dicts or (None, None)
+            save_weights(model, folder / WEIGHT_FILES["raw"], weights_metadata(model, cfg, step, "raw", uncond_prompt),
+                         model_sd)
+            save_weights(ema, folder / WEIGHT_FILES["ema"], weights_metadata(ema, cfg, step, "ema", uncond_prompt),
+                         ema_sd)
         torch.save(state, folder / STATE)
     return write_checkpoint(run_dir, step, write, cfg.keep_last)
 

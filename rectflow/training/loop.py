@@ -45,6 +45,8 @@ from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions
 from rectflow.training.finetune import (LoRATraining, attach_lora, check_fits, init_shapes, init_weights_path,
                                         load_init)
 from rectflow.training.model import build_model, compute_loss, context_splits
+from rectflow.training.parallel import (OPTIMIZER_FORMAT, full_model_state, full_optimizer_state,
+                                        load_full_optimizer_state, load_full_state, shard)
 from rectflow.training.prior import PriorPreservation
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from rectflow.training.randomness import generator_for, rng_states, seed_for, set_rng_states
@@ -137,7 +139,11 @@ class Trainer:
             self.prior.prepare(self._pipeline(self.model), self._sample_settings(), self.ctx, self.run_dir, cfg.bf16)
             self.model.train()
         self.net = self.model
-        if self.ctx.enabled:
+        self.fsdp = self.ctx.enabled and cfg.parallel == "fsdp"
+        if self.fsdp:
+            shard(self.model)
+            shard(self.ema)
+        elif self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel
             # the last block's context stream only feeds keys and values: its query norm gets no gradient
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
@@ -230,10 +236,16 @@ class Trainer:
         state = load_state(ck)
         if self.lora is not None:
             self.lora.load(ck)
+        elif self.fsdp:
+            load_full_state(self.model, load_file(str(ck / WEIGHT_FILES["raw"])))
+            load_full_state(self.ema, load_file(str(ck / WEIGHT_FILES["ema"])))
         else:
             self.model.load_state_dict(load_file(str(ck / WEIGHT_FILES["raw"]), device=str(self.device)))
             self.ema.load_state_dict(load_file(str(ck / WEIGHT_FILES["ema"]), device=str(self.device)))
-        self.opt.load_state_dict(state["optimizer"])
+        if state.get("optimizer_format") == OPTIMIZER_FORMAT:  # written by a sharded run: keyed by parameter name
+            load_full_optimizer_state(self.model, self.opt, state["optimizer"])
+        else:
+            self.opt.load_state_dict(state["optimizer"])
         self.step, self.skipped = state["step"], state["skipped"]
         self.bad_streak, self.images_seen = state["bad_streak"], state["images_seen"]
         set_rng_states(state["rng"])
@@ -242,6 +254,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0), unless a weight is not finite: a checkpoint is always good."""
+        if self.fsdp:
+            return self._save_sharded()
         if not self.ctx.is_main:
             return None
         if self.lora is not None:
@@ -255,6 +269,22 @@ class Trainer:
             return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.ema, self._state(), self.cfg, self.lora,
                                self.uncond_prompt)
+
+    def _save_sharded(self) -> Path | None:
+        """FSDP: every rank gathers the full weights, EMA and optimizer state; rank 0 writes the usual files."""
+        model_sd, ema_sd = full_model_state(self.model), full_model_state(self.ema)
+        state = {**self._state(), "optimizer": full_optimizer_state(self.model, self.opt),
+                 "optimizer_format": OPTIMIZER_FORMAT}
+        if not self.ctx.is_main:
+            return None
+        bad = next((f"{kind}.{k}" for kind, sd in (("model", model_sd), ("ema", ema_sd)) for k, v in sd.items()
+                    if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            print(f"rectflow train: step {self.step}: not writing a checkpoint, {bad} holds non-finite values",
+                  file=sys.stderr)
+            return None
+        return save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.cfg, None,
+                               self.uncond_prompt, state_dicts=(model_sd, ema_sd))
 
     # ---- one step
 
@@ -283,7 +313,11 @@ class Trainer:
             data_wait += time.perf_counter() - t_data
             context, pooled = self._conditioning(captions, step, range(lo, lo + self.micro))
             last = a == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
+            if self.fsdp:  # FSDP2 reduces gradients on the last micro-step only
+                self.model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
             with sync:
                 per_sample = compute_loss(self.net, self.formulation, x0, context, pooled,
                                           t_all[sl].to(self.device), eps_all[sl], cfg.bf16)

@@ -30,8 +30,10 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
     groups' `fused` flag), so runs checkpointed before the fused kernel was used continue exactly.
     """
     params = list(params.parameters() if isinstance(params, torch.nn.Module) else params)
+    # sharded (DTensor) parameters take the default implementation
     fused = getattr(torch, "_fused_adamw_", None) is not None and all(
-        p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+        p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") and type(p.data) is torch.Tensor
+        for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.effective_adam_eps,
                              weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
 
