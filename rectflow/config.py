@@ -232,6 +232,11 @@ class TrainConfig:
         return 1e-15 if self.qk_norm != "none" else 1e-8
 
     @property
+    def checkpoint_every_block(self) -> int:
+        """The models' gradient_checkpointing value: every k-th block recomputed, 0 for none."""
+        return self.grad_checkpointing_every if self.grad_checkpointing else 0
+
+    @property
     def effective_frozen_dtype(self) -> str:
         """frozen_dtype, or when null bf16 under bf16 autocast and fp32 otherwise."""
         return self.frozen_dtype or ("bf16" if self.bf16 else "fp32")

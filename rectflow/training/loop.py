@@ -188,7 +188,7 @@ class Trainer:
                                      self.text.pooled_dim, context_splits(self.text))
         else:
             self.model = self.init.model
-            self.model.gradient_checkpointing = cfg.grad_checkpointing_every if cfg.grad_checkpointing else 0
+            self.model.gradient_checkpointing = cfg.checkpoint_every_block
         self.uncond_prompt = self.init.uncond_prompt if self.init else None
         if cfg.lora:
             attach_lora(self.model, cfg)
@@ -253,38 +253,28 @@ class Trainer:
             print(f"rectflow train: resuming from {ck} (step {self.step})", file=sys.stderr)
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (rank 0), unless a weight is not finite: a checkpoint is always good."""
+        """Checkpoint the current step (rank 0), unless a weight is not finite: a checkpoint is always good. Under
+        FSDP every rank first gathers the full weights, EMA and optimizer state (collectives)."""
+        if not (self.ctx.is_main or self.fsdp):
+            return None
+        state, state_dicts = self._state(), None
         if self.fsdp:
-            return self._save_sharded()
+            state_dicts = (full_model_state(self.model), full_model_state(self.ema))
+            state.update(optimizer=full_optimizer_state(self.model, self.opt), optimizer_format=OPTIMIZER_FORMAT)
         if not self.ctx.is_main:
             return None
         if self.lora is not None:
             bad = self.lora.nonfinite()
         else:
-            bad = next((f"{name}.{k}" for name, m in (("model", self.model), ("ema", self.ema))
-                        for k, p in m.named_parameters() if not torch.isfinite(p).all()), None)
+            model_sd, ema_sd = state_dicts or (dict(self.model.named_parameters()), dict(self.ema.named_parameters()))
+            bad = next((f"{kind}.{k}" for kind, sd in (("model", model_sd), ("ema", ema_sd)) for k, v in sd.items()
+                        if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
             print(f"rectflow train: step {self.step}: not writing a checkpoint, {bad} holds non-finite values; the "
                   f"last good checkpoint is {find_checkpoint(self.run_dir) or 'none'}", file=sys.stderr)
             return None
-        return save_checkpoint(self.run_dir, self.step, self.model, self.ema, self._state(), self.cfg, self.lora,
-                               self.uncond_prompt)
-
-    def _save_sharded(self) -> Path | None:
-        """FSDP: every rank gathers the full weights, EMA and optimizer state; rank 0 writes the usual files."""
-        model_sd, ema_sd = full_model_state(self.model), full_model_state(self.ema)
-        state = {**self._state(), "optimizer": full_optimizer_state(self.model, self.opt),
-                 "optimizer_format": OPTIMIZER_FORMAT}
-        if not self.ctx.is_main:
-            return None
-        bad = next((f"{kind}.{k}" for kind, sd in (("model", model_sd), ("ema", ema_sd)) for k, v in sd.items()
-                    if v.is_floating_point() and not torch.isfinite(v).all()), None)
-        if bad is not None:
-            print(f"rectflow train: step {self.step}: not writing a checkpoint, {bad} holds non-finite values",
-                  file=sys.stderr)
-            return None
-        return save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.cfg, None,
-                               self.uncond_prompt, state_dicts=(model_sd, ema_sd))
+        return save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.cfg, self.lora,
+                               self.uncond_prompt, state_dicts=state_dicts)
 
     # ---- one step
 

@@ -34,7 +34,7 @@ def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_di
     if cfg.arch != "mmdit":
         options = {"context_splits": context_splits} if cfg.arch == "mmdit3" else {}
         model = baselines.from_config(baselines.matched(cfg.arch, model, **options))
-    model.gradient_checkpointing = cfg.grad_checkpointing_every if cfg.grad_checkpointing else 0
+    model.gradient_checkpointing = cfg.checkpoint_every_block
     warn_patch_bottleneck(cfg.patch_size, in_channels, model.config["hidden_size"])
     return model
 
