@@ -150,3 +150,12 @@ def check_zip(path: str | Path) -> None:
             kind = _kind_of(fh.read(8))
         raise DamagedFile(f"{path} is not a readable torch.save file ({path.stat().st_size} bytes; "
                           f"{'truncated or damaged' if kind and kind.startswith('a zip') else kind or err})") from None
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a .safetensors file (checked as check_safetensors does); {} for folders and other
+    files."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or path.is_dir():
+        return {}
+    return check_safetensors(path).get("__metadata__") or {}

@@ -25,7 +25,7 @@ from rectflow.autoencoder import load_autoencoder
 from rectflow.checkpoints import load_model as load_weights
 from rectflow.checkpoints import uncond_prompt_of
 from rectflow.data.folder import UnusableImage, fit, load_image
-from rectflow.files import check_safetensors
+from rectflow.files import check_safetensors, safetensors_metadata
 from rectflow.flow import Formulation
 from rectflow.lora import apply_loras
 from rectflow.presets import PRESETS, recognise
@@ -75,11 +75,12 @@ def read_metadata(path: Path) -> dict[str, str]:
     return check_safetensors(path).get("__metadata__") or {}
 
 
-def load_model(path: Path, device="cpu", dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, dict]:
+def load_model(path: Path, device="cpu", dtype: torch.dtype | None = None,
+               meta: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """(network, training config dict or {}) from a rectflow weights file (an MM-DiT, or a baseline of the
     architecture study: its config's "arch" key picks the class) or a released SD3 single file; in dtype when given
-    (bf16 halves the memory), else float32 on the CPU."""
-    meta = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
+    (bf16 halves the memory), else float32 on the CPU. meta: the file's metadata when already read."""
+    meta = safetensors_metadata(path) if meta is None else meta
     model = load_weights(path)
     if dtype is not None:
         model = model.to(dtype)
@@ -105,10 +106,10 @@ def load_pipeline(run: str | None = None, checkpoint: str | None = None, weights
     """
     path = resolve_weights(run, checkpoint, weights) if step_dir is None else resolve_weights(
         None, str(step_dir), weights or "ema")
-    model, cfg = load_model(path, device, dtype)
+    meta = safetensors_metadata(path)
+    model, cfg = load_model(path, device, dtype, meta)
     applied = apply_loras(model, loras)
     released = not cfg  # no rectflow training config in the file: a released model
-    meta = read_metadata(path) if path.suffix.lower() == ".safetensors" else {}
     kind = meta.get("rectflow.weights") or (None if released else weights)
     if run is not None and (Path(run) / CONFIG).is_file():
         cfg = {**cfg, **(yaml.safe_load((Path(run) / CONFIG).read_text()) or {})}

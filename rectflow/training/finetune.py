@@ -16,7 +16,7 @@ import torch
 
 from rectflow.checkpoints import load_model, uncond_prompt_of
 from rectflow.config import TrainConfig
-from rectflow.files import check_safetensors
+from rectflow.files import check_safetensors, safetensors_metadata
 from rectflow.lora import BASE_KEY, Adapter, adapters, attach, load_adapters, read_lora, write_lora
 from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights
 
@@ -42,13 +42,6 @@ def init_weights_path(spec: str) -> Path:
     if path.is_dir() and any((path / f).is_file() for f in WEIGHT_FILES.values()):
         return resolve_weights(checkpoint=str(path))
     return path
-
-
-def file_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's header metadata ({} for folders and other files)."""
-    if path.is_file() and path.suffix.lower() == ".safetensors":
-        return check_safetensors(path).get("__metadata__") or {}
-    return {}
 
 
 INIT_SHAPE_KEYS = ("patch_size", "in_channels", "context_dim", "pooled_dim")
@@ -100,7 +93,7 @@ def load_init(spec: str) -> Init:
     path = init_weights_path(spec)
     init_shapes(path)  # the same checks, before any weight is read
     model = load_model(path).float()
-    return Init(model, path.resolve(), uncond_prompt_of(file_metadata(path)))
+    return Init(model, path.resolve(), uncond_prompt_of(safetensors_metadata(path)))
 
 
 def check_fits(shapes: dict, text, autoencoder, latent_side: int, source) -> None:
