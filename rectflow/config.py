@@ -146,6 +146,8 @@ class TrainConfig:
     workers: int = _f(0, "DataLoader worker processes decoding images ahead of the steps (uncached data: pixel "
                          "space or endless data sets; cached latents are read directly); 0: in the training process",
                       resume=True)
+    log_samples: bool = _f(False, "write each step's sample ids (data-set indices, or shard sample keys) to "
+                                  "metrics.jsonl as 'samples', in global batch order", resume=True)
     release_encoders: bool | None = _f(None, "once a finite data set's text features and latents are all computed, "
                                              "free the text encoders and the autoencoder's encoder before training; "
                                              "null: when the text encoders are large (over 100M parameters: SD3's)",

@@ -12,21 +12,32 @@ import torch
 from .emoji import EmojiDataset
 from .folder import ImageFolderDataset
 from .shapes import ShapesDataset
+from .shards import ShardItems, ShardSet, is_shard_spec
 
-__all__ = ["get_dataset", "collate", "ShapesDataset", "EmojiDataset", "ImageFolderDataset"]
+__all__ = ["get_dataset", "collate", "ShapesDataset", "EmojiDataset", "ImageFolderDataset", "ShardSet", "ShardItems"]
 
 
 def get_dataset(name: str, resolution: int, split: str = "train", seed: int = 0, **kw) -> torch.utils.data.Dataset:
-    """'shapes', 'emoji', or a folder path ('folder:PATH' also accepted) -> the data set at resolution.
+    """'shapes', 'emoji', a folder path ('folder:PATH' also accepted) or shards (rectflow.data.shards: a shard
+    folder, .tar, brace pattern or URL; 'shards:SPEC' also accepted) -> the data set at resolution.
 
     seed selects the endless shapes training stream; emoji and folders are fixed lists (a loader shuffles them),
     and every validation split is fixed. Keyword options go to the data set: shapes (categories, val_size),
-    emoji (subset, path), folders (crop, hflip, val_every, buckets, max_ratio, default_caption).
+    emoji (subset, path), folders (crop, hflip, val_every, buckets, max_ratio, default_caption), shards (crop,
+    default_caption, shuffle_buffer). A shard set's training split streams (ShardSet); its validation split is the
+    shard folder's val/ subfolder, read whole (ShardItems).
     """
     if name == "shapes":
         return ShapesDataset(resolution, split, seed=seed, **kw)
     if name == "emoji":
         return EmojiDataset(resolution, split, **kw)
+    if is_shard_spec(name):
+        if split == "train":
+            return ShardSet(name, resolution, seed=seed, **kw)
+        val = name.removeprefix("shards:").rstrip("/") + "/val"
+        if not Path(val).expanduser().is_dir() and "://" not in val:
+            raise FileNotFoundError(f"no validation shards: {val} does not exist (rectflow shards writes one)")
+        return ShardItems(val, resolution, **kw)
     path = Path(name[len("folder:"):] if name.startswith("folder:") else name).expanduser()
     if path.is_dir():
         return ImageFolderDataset(path, resolution, split, **kw)

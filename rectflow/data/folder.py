@@ -85,10 +85,15 @@ def load_image(path: Path, draft: tuple[int, int] | None = None) -> tuple[Image.
     """Decode path fully into RGB; returns the image and its conversion notes, or raises UnusableImage."""
     if path.stat().st_size == 0:
         raise UnusableImage("empty file")
+    return decode_image(path, path.suffix, draft)
+
+
+def decode_image(source, suffix: str, draft: tuple[int, int] | None = None) -> tuple[Image.Image, list[str]]:
+    """load_image of a path or a binary file object (a tar member's bytes) whose name ends in `suffix`."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             notes = []
-            if image.format and path.suffix.lower() not in FORMAT_EXTENSIONS.get(image.format, ()):
+            if image.format and suffix.lower() not in FORMAT_EXTENSIONS.get(image.format, ()):
                 notes.append("wrong extension")
             if draft is not None and image.format == "JPEG":
                 image.draft(image.mode, draft)  # decode at a reduced DCT scale, still >= draft

@@ -288,8 +288,9 @@ def default_prompts(cfg: TrainConfig, n: int = 8) -> list[str]:
     except (ValueError, KeyError, FileNotFoundError):
         ds = get_dataset(cfg.data, cfg.resolution, split="train", seed=0, **data_options(cfg))
     prompts: list[str] = []
-    for i in range(min(len(ds), 50 * n)):
-        c = ds[i]["caption"]
+    items = ds.preview(50 * n) if hasattr(ds, "preview") else (ds[i] for i in range(min(len(ds), 50 * n)))
+    for item in items:  # a stream of shards is not indexed: its first samples in shard order
+        c = item["caption"]
         if c not in prompts:
             prompts.append(c)
         if len(prompts) == n:

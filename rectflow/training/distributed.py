@@ -62,3 +62,12 @@ def barrier(ctx: Context) -> None:
     """Wait for every process."""
     if ctx.enabled:
         dist.barrier()
+
+
+def all_gather_objects(obj, ctx: Context) -> list:
+    """Every process's (picklable) object, in rank order; [obj] for a single process."""
+    if not ctx.enabled:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out

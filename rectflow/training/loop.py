@@ -48,6 +48,7 @@ from rectflow.training.model import build_model, compute_loss, context_splits
 from rectflow.training.parallel import (OPTIMIZER_FORMAT, full_model_state, full_optimizer_state,
                                         load_full_optimizer_state, load_full_state, shard)
 from rectflow.training.prior import PriorPreservation
+from rectflow.training.stream import StreamBatches
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from rectflow.training.randomness import generator_for, rng_states, seed_for, set_rng_states
 
@@ -123,8 +124,14 @@ class Trainer:
             check_fits(shapes, self.text, self.autoencoder, side, init_path)
         self.latent_shape = (self.autoencoder.channels, side, side)
         self.dataset = self._dataset()
-        self.batches = Batches(self.dataset, cfg, self.autoencoder, self.device, self.cache_dir, self.ctx)
-        if len(self.dataset) < ENDLESS and not self.text.prepare(all_captions(self.dataset)):
+        self.streaming = getattr(self.dataset, "streaming", False)  # shards: read as streams, not indexed
+        if self.streaming:
+            self.batches = StreamBatches(self.dataset, self.autoencoder, self.device, self.ctx, self.micro,
+                                         cfg.workers)
+        else:
+            self.batches = Batches(self.dataset, cfg, self.autoencoder, self.device, self.cache_dir, self.ctx)
+        self._saved_streams = None  # a resumed run's stream positions
+        if self.finite and not self.text.prepare(all_captions(self.dataset)):
             print(f"rectflow train: the {len(self.dataset)} captions' text features do not fit in memory; encoding "
                   f"them as they come (set cache_dir to keep them on disk)", file=sys.stderr)
         self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
@@ -175,8 +182,8 @@ class Trainer:
         except TypeError as err:  # an option the data set does not take
             for key, option in (("buckets", "buckets"), ("instance_prompt", "default_caption")):
                 if option in str(err):
-                    raise ValueError(f"config key {key!r}: {cfg.data!r} is a built-in data set; {key} is for folders "
-                                     f"of images") from None
+                    raise ValueError(f"config key {key!r}: {cfg.data!r} does not take {key} (folders of images "
+                                     f"do)") from None
             raise ValueError(f"config key 'data_options': {err}") from None
 
     def _build_model(self, side: int) -> None:
@@ -200,6 +207,11 @@ class Trainer:
         else:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
 
+    @property
+    def finite(self) -> bool:
+        """A data set read by index whose every item can be listed (not endless shapes, not a stream)."""
+        return not self.streaming and len(self.dataset) < ENDLESS
+
     def _release_encoders(self) -> None:
         """Free the text encoders and the autoencoder's encoder when nothing will need them: every caption of a
         finite data set encoded, its latents cached, and the sample prompts (with CFG's "") and validation inputs
@@ -208,7 +220,7 @@ class Trainer:
         wanted = cfg.release_encoders
         if wanted is None:
             wanted = sum(p.numel() for p in text.encoder.encoder.parameters()) > 100e6
-        finite = len(self.dataset) < ENDLESS and all(c in text.table for c in all_captions(self.dataset))
+        finite = self.finite and all(c in text.table for c in all_captions(self.dataset))
         if not wanted or not finite or (self.batches.cache is None and not is_identity(self.autoencoder)):
             return
         if self.ctx.is_main:
@@ -221,12 +233,13 @@ class Trainer:
 
     # ---- persistence
 
-    def _state(self) -> dict:
-        """Everything besides the weights needed to continue exactly."""
+    def _state(self, streams: dict | None) -> dict:
+        """Everything besides the weights needed to continue exactly (streams: the shard streams' positions)."""
         return {"version": STATE_VERSION, "step": self.step, "optimizer": self.opt.state_dict(),
                 "skipped": self.skipped, "bad_streak": self.bad_streak, "images_seen": self.images_seen,
                 "data_position": self.step * self.cfg.batch_size, "world_size": self.ctx.world_size,
-                "rng": rng_states(), "config": json.dumps(self.cfg.to_dict())}
+                "rng": rng_states(), "config": json.dumps(self.cfg.to_dict()),
+                **({"data_streams": streams} if streams is not None else {})}
 
     def _resume(self, from_last_good: bool) -> None:
         """Load the latest loadable checkpoint of the run directory, if any."""
@@ -248,16 +261,19 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
         self.step, self.skipped = state["step"], state["skipped"]
         self.bad_streak, self.images_seen = state["bad_streak"], state["images_seen"]
+        self._saved_streams = state.get("data_streams")
         set_rng_states(state["rng"])
         if self.ctx.is_main:
             print(f"rectflow train: resuming from {ck} (step {self.step})", file=sys.stderr)
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0), unless a weight is not finite: a checkpoint is always good. Under
-        FSDP every rank first gathers the full weights, EMA and optimizer state (collectives)."""
+        FSDP every rank first gathers the full weights, EMA and optimizer state, and streams gather their positions
+        (collectives)."""
+        streams = self.batches.positions() if self.streaming else None
         if not (self.ctx.is_main or self.fsdp):
             return None
-        state, state_dicts = self._state(), None
+        state, state_dicts = self._state(streams), None
         if self.fsdp:
             state_dicts = (full_model_state(self.model), full_model_state(self.ema))
             state.update(optimizer=full_optimizer_state(self.model, self.opt), optimizer_format=OPTIMIZER_FORMAT)
@@ -284,23 +300,25 @@ class Trainer:
         lr = lr_at(step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        indices = self.batches.indices(step)
+        indices, eps_all = (None, None) if self.streaming else (self.batches.indices(step), None)
         # t and noise of the whole global batch, drawn identically on every rank, each rank uses its slice
         t_all = self.formulation.sample_t(B, generator=generator_for(cfg.seed, step, "t"), shift=cfg.shift)
-        g_eps = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, "eps"))
-        eps_all = torch.randn((B, *self.batches.latent_shape(indices[0])), generator=g_eps, device=self.device)
+        if indices is not None:
+            g_eps = torch.Generator(self.device).manual_seed(seed_for(cfg.seed, step, "eps"))
+            eps_all = torch.randn((B, *self.batches.latent_shape(indices[0])), generator=g_eps, device=self.device)
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         prior_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         prior = self.prior.step_inputs(step, B, self.formulation, self.device) if self.prior else None
-        data_wait = 0.0  # seconds this step waited for its inputs
+        data_wait, seen = 0.0, []  # seconds this step waited for its inputs; (slot, sample ids) per micro-batch
         for a in range(cfg.grad_accum):
             lo = (a * world + self.ctx.rank) * self.micro
             sl = slice(lo, lo + self.micro)
             t_data = time.perf_counter()
-            x0, captions = self.batches.load(indices[sl])
+            x0, captions, eps, ids = self._micro_inputs(step, sl, indices, eps_all)
             data_wait += time.perf_counter() - t_data
+            seen.append((lo, ids))
             context, pooled = self._conditioning(captions, step, range(lo, lo + self.micro))
             last = a == cfg.grad_accum - 1
             if self.fsdp:  # FSDP2 reduces gradients on the last micro-step only
@@ -310,7 +328,7 @@ class Trainer:
                 sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
             with sync:
                 per_sample = compute_loss(self.net, self.formulation, x0, context, pooled,
-                                          t_all[sl].to(self.device), eps_all[sl], cfg.bf16)
+                                          t_all[sl].to(self.device), eps, cfg.bf16)
                 total = per_sample.sum()
                 if prior is not None:  # the class images of this slice, their dropout seeded past the instances'
                     c_ctx, c_pooled = self._conditioning([cfg.class_prompt] * self.micro, step,
@@ -342,10 +360,34 @@ class Trainer:
             self.bad_streak += 1
         self.step += 1
         self.images_seen += B
-        extra = {"data_wait_s": data_wait, **({} if prior_loss is None else {"prior_loss": prior_loss})}
+        extra = {"data_wait_s": data_wait, **({} if prior_loss is None else {"prior_loss": prior_loss}),
+                 **self._data_metrics(seen)}
         return {"step": self.step, "loss": loss if ok else None, "lr": lr, **extra,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 **({} if ok else {"nonfinite": True, "bad_loss": repr(loss), "bad_grad_norm": repr(grad_norm)})}
+
+    def _micro_inputs(self, step: int, sl: slice, indices, eps_all):
+        """x0, captions, noise and sample ids of one micro-batch slice of the global batch: by index, or this rank's
+        stream's next micro-batch (its noise seeded by its slot)."""
+        if not self.streaming:
+            x0, captions = self.batches.load(indices[sl])
+            return x0, captions, eps_all[sl], indices[sl]
+        x0, captions, keys = self.batches.next()
+        g = torch.Generator(self.device).manual_seed(seed_for(self.cfg.seed, step, "eps", sl.start))
+        return x0, captions, torch.randn(x0.shape, generator=g, device=self.device), keys
+
+    def _data_metrics(self, seen: list) -> dict:
+        """The step's sample ids in global batch order (log_samples) and the damaged samples and shards streams
+        have skipped so far (collectives under torchrun)."""
+        out = {}
+        if self.cfg.log_samples:
+            parts = sorted(p for rank in distributed.all_gather_objects(seen, self.ctx) for p in rank)
+            out["samples"] = [i for _, ids in parts for i in ids]
+        if self.streaming:
+            bad = torch.tensor(self.batches.bad_counts(), dtype=torch.float64, device=self.device)
+            samples, shards = distributed.all_reduce_sum(bad, self.ctx).tolist()
+            out.update(data_bad_samples=int(samples), data_bad_shards=int(shards))
+        return out
 
     def _conditioning(self, captions: list[str], step: int, positions) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached text features with per-encoder dropout; each sample's dropout draw is seeded by its batch slot."""
@@ -441,8 +483,11 @@ class Trainer:
             clean_temp(checkpoint_root(self.run_dir))
             cfg.save(self.run_dir / CONFIG)
             self._open_logs()
-        self.batches.start_workers(cfg.workers, self.step, cfg.max_steps, self.micro, self.ctx.world_size,
-                                   self.ctx.rank, cfg.grad_accum)
+        if self.streaming:
+            self.batches.start(self._saved_streams, self.step * cfg.grad_accum)
+        else:
+            self.batches.start_workers(cfg.workers, self.step, cfg.max_steps, self.micro, self.ctx.world_size,
+                                       self.ctx.rank, cfg.grad_accum)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         start, window = time.perf_counter(), []
         # the profiled steps start after one warm-up step
