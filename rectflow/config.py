@@ -122,8 +122,13 @@ class TrainConfig:
                                 "skips its step", resume=True)
     seed: int = _f(0, "seed of the model init, the data order and all training noise")
     parallel: str = _f("ddp", "several processes (torchrun): ddp replicates the model, fsdp shards model, EMA and "
-                              "optimizer over them (FSDP2; sample grids and validation are off then)",
-                       ("ddp", "fsdp"))
+                              "optimizer over them (FSDP2), hsdp shards within groups of fsdp_shard_size processes "
+                              "and replicates across groups", ("ddp", "fsdp", "hsdp"))
+    fsdp_shard_size: int = _f(0, "hsdp: processes per shard group (a node's GPUs); 0: LOCAL_WORLD_SIZE")
+    fsdp_mixed_precision: bool | None = _f(None, "fsdp/hsdp: bf16 parameters for compute and all-gathers, fp32 "
+                                                 "gradient reduction; null: when bf16 is on")
+    fsdp_cpu_offload: bool = _f(False, "fsdp/hsdp: keep parameters, gradients and optimizer state on the CPU (the "
+                                       "step runs there); frees accelerator memory for larger models")
     device: str = _f("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; under torchrun each "
                              "process uses cuda:LOCAL_RANK", resume=True)
     # bookkeeping
@@ -171,7 +176,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r}: expected a positive integer, got {getattr(self, name)!r}")
         for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "val_every", "workers",
-                     "profile_steps", "grad_clip", "min_lr", "weight_decay", "shift"]:
+                     "profile_steps", "fsdp_shard_size", "grad_clip", "min_lr", "weight_decay", "shift"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
@@ -196,9 +201,6 @@ class TrainConfig:
         if self.class_images < 1 or self.prior_weight < 0:
             raise ValueError(f"config keys 'class_images' / 'prior_weight': expected >= 1 / >= 0, got "
                              f"{self.class_images!r} / {self.prior_weight!r}")
-        if self.parallel == "fsdp" and (self.lora or self.sample_every or self.val_every or self.class_prompt):
-            raise ValueError("config key 'parallel': fsdp does not yet combine with lora, sample_every, val_every or "
-                             "class_prompt (set them to 0 / null, or use ddp)")
         if self.lora < 0:
             raise ValueError(f"config key 'lora': expected a rank >= 1, or 0 for no LoRA, got {self.lora!r}")
         if self.lora and not self.init:

@@ -82,3 +82,47 @@ def _resume_worker(rank: int, world: int, port: int, out: str, cfg: dict) -> Non
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     train(TrainConfig.from_dict(cfg), out, resume=True)
+
+
+@pytest.mark.slow  # six spawned processes
+def test_hsdp_and_bf16_mixed_precision(tmp_path):
+    """hsdp (replicated across 2 groups of 1) gives the fp32 losses of one process; FSDP2's bf16 parameters with
+    fp32 reduction stay within bf16 noise of one process under bf16 autocast."""
+    runs = {"one": ({**CFG}, 1), "hsdp": ({**CFG, "parallel": "hsdp", "fsdp_shard_size": 1}, 2),
+            "one_bf16": ({**CFG, "bf16": True}, 1), "mixed": ({**CFG, "parallel": "fsdp", "bf16": True}, 2)}
+    for name, (cfg, n) in runs.items():
+        mp.start_processes(_worker, args=(n, _free_port(), str(tmp_path / name), cfg), nprocs=n, start_method="spawn")
+    got = {name: torch.tensor(_losses(tmp_path / name)) for name in runs}
+    torch.testing.assert_close(got["hsdp"], got["one"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["mixed"], got["one_bf16"], rtol=2e-3, atol=0)
+    assert not torch.equal(got["mixed"], got["one"])  # it did run in bf16
+
+
+@pytest.mark.slow  # seven spawned processes
+def test_fsdp_lora_with_grids_and_validation_matches_one_and_resumes(tmp_path):
+    """A LoRA fine-tune under FSDP (sharded adapters and EMA; every rank drawing the grids and validating) gives the
+    losses, validation losses, grids and LoRA files of one process, and resumes from its sharded run exactly."""
+    mp.start_processes(_worker, args=(1, _free_port(), str(tmp_path / "base"), CFG), nprocs=1, start_method="spawn")
+    lora = {**CFG, "init": str(tmp_path / "base"), "lora": 4, "lora_targets": "all-linear", "lr": 1e-2,
+            "lr_schedule": "constant", "checkpoint_every": 2, "sample_every": 2, "sample_steps": 2, "val_every": 2,
+            "val_size": 4}
+    one, fsdp, cut = tmp_path / "one", tmp_path / "fsdp", tmp_path / "cut"
+    mp.start_processes(_worker, args=(1, _free_port(), str(one), lora), nprocs=1, start_method="spawn")
+    sharded = {**lora, "parallel": "fsdp"}
+    mp.start_processes(_worker, args=(2, _free_port(), str(fsdp), sharded), nprocs=2, start_method="spawn")
+    torch.testing.assert_close(torch.tensor(_losses(fsdp)), torch.tensor(_losses(one)), rtol=1e-5, atol=1e-6)
+
+    def val(run):
+        return [json.loads(line)["val_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if "val_loss" in line]
+    torch.testing.assert_close(torch.tensor(val(fsdp)), torch.tensor(val(one)), rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (fsdp / "samples").glob("*.png")) == ["step_00000002.png", "step_00000004.png"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = (load_file(find_checkpoint(r) / name) for r in (one, fsdp))
+        assert set(wa) == set(wb) and all(k.startswith("transformer.") for k in wa)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+    mp.start_processes(_worker, args=(2, _free_port(), str(cut), {**sharded, "max_steps": 2}), nprocs=2,
+                       start_method="spawn")
+    mp.start_processes(_resume_worker, args=(2, _free_port(), str(cut), sharded), nprocs=2, start_method="spawn")
+    torch.testing.assert_close(torch.tensor(_losses(cut)), torch.tensor(_losses(fsdp)), rtol=1e-5, atol=1e-6)

@@ -93,8 +93,10 @@ def adapters(model: nn.Module) -> dict[str, Adapter]:
 
 
 @torch.no_grad()
-def load_adapters(model: nn.Module, lora: dict[str, Adapter], source="LoRA") -> None:
-    """Copy a LoRA into the model's attached layers (resume): the same modules, ranks and alphas."""
+def load_adapters(model: nn.Module, lora: dict[str, Adapter], source="LoRA", copy=None) -> None:
+    """Copy a LoRA into the model's attached layers (resume): the same modules, ranks and alphas. copy(dst, src):
+    how (a sharded model's scatters the whole tensor into its shards)."""
+    copy = copy or (lambda dst, src: dst.copy_(src))
     have = adapters(model)
     if set(have) != set(lora):
         missing, extra = sorted(set(have) - set(lora)), sorted(set(lora) - set(have))
@@ -103,5 +105,5 @@ def load_adapters(model: nn.Module, lora: dict[str, Adapter], source="LoRA") -> 
         if (have[name].down.shape, have[name].up.shape, have[name].alpha) != (a.down.shape, a.up.shape, a.alpha):
             raise ValueError(f"{source}: {name} has rank/alpha {a.rank}/{a.alpha}, the run "
                              f"{have[name].rank}/{have[name].alpha}")
-        have[name].down.copy_(a.down)
-        have[name].up.copy_(a.up)
+        copy(have[name].down, a.down)
+        copy(have[name].up, a.up)

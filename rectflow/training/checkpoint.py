@@ -34,12 +34,12 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str], s
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, state: dict, cfg: TrainConfig, lora=None,
-                    uncond_prompt: str | None = None, state_dicts: tuple | None = None) -> Path:
+                    uncond_prompt: str | None = None, state_dicts: tuple | None = None, adapters=None) -> Path:
     """Write checkpoints/step_N (raw and EMA weights, or a LoRA run's adapters, and the training state) atomically;
-    prune to cfg.keep_last."""
+    prune to cfg.keep_last. state_dicts / adapters: the full weights gathered from shards."""
     def write(folder: Path) -> None:
         if lora is not None:
-            lora.write(folder, weights_metadata(model, cfg, step, "lora", uncond_prompt))
+            lora.write(folder, weights_metadata(model, cfg, step, "lora", uncond_prompt), adapters)
         else:
             model_sd, ema_sd = state_dicts or (None, None)
             save_weights(model, folder / WEIGHT_FILES["raw"], weights_metadata(model, cfg, step, "raw", uncond_prompt),

@@ -19,6 +19,7 @@ from rectflow.config import TrainConfig
 from rectflow.files import check_safetensors, safetensors_metadata
 from rectflow.lora import BASE_KEY, Adapter, adapters, attach, load_adapters, read_lora, write_lora
 from rectflow.runs import CONFIG, WEIGHT_FILES, resolve_weights
+from rectflow.training.parallel import copy_full_, full_tensor
 
 
 
@@ -128,44 +129,55 @@ class LoRATraining:
     def _tensors(self, lora: dict[str, Adapter]) -> list[torch.Tensor]:
         return [t for a in lora.values() for t in (a.down, a.up)]
 
+    def full(self) -> tuple[dict[str, Adapter], dict[str, Adapter]]:
+        """The raw and EMA adapters whole (gathered from their shards under FSDP: a collective)."""
+        def gather(lora):
+            return {k: Adapter(full_tensor(a.down), full_tensor(a.up), a.alpha) for k, a in lora.items()}
+        return gather(self.live), gather(self.ema)
+
     @torch.no_grad()
     def ema_update(self, decay: float) -> None:
         """ema <- decay * ema + (1 - decay) * live."""
         torch._foreach_lerp_(self._tensors(self.ema), [t.detach() for t in self._tensors(self.live)], 1.0 - decay)
 
-    def nonfinite(self) -> str | None:
-        """The first adapter tensor (raw or EMA) holding a non-finite value, or None."""
-        for kind, lora in (("lora", self.live), ("ema", self.ema)):
+    def nonfinite(self, adapters: tuple | None = None) -> str | None:
+        """The first adapter tensor (raw or EMA; or of the given full() pair) holding a non-finite value, or None."""
+        for kind, lora in zip(("lora", "ema"), adapters or (self.live, self.ema)):
             for name, a in lora.items():
                 if not (torch.isfinite(a.down).all() and torch.isfinite(a.up).all()):
                     return f"{kind}.{name}"
         return None
 
-    def write(self, folder: Path, metadata: dict[str, str]) -> None:
-        """Raw and EMA adapters as diffusers-layout LoRA files, named as a full run's weights are."""
+    def write(self, folder: Path, metadata: dict[str, str], adapters: tuple | None = None) -> None:
+        """Raw and EMA adapters (or the given full() pair) as diffusers-layout LoRA files, named as a full run's
+        weights are."""
+        live, ema = adapters or (self.live, self.ema)
         # the model-file keys (format, config) stay out: this is a LoRA file, whose base is named instead
         header = {**{k: v for k, v in metadata.items() if k not in ("format", "config")}, BASE_KEY: str(self.base)}
-        write_lora(self.live, folder / WEIGHT_FILES["raw"], "diffusers", {**header, "rectflow.weights": "raw"})
-        write_lora(self.ema, folder / WEIGHT_FILES["ema"], "diffusers", {**header, "rectflow.weights": "ema"})
+        write_lora(live, folder / WEIGHT_FILES["raw"], "diffusers", {**header, "rectflow.weights": "raw"})
+        write_lora(ema, folder / WEIGHT_FILES["ema"], "diffusers", {**header, "rectflow.weights": "ema"})
 
     def load(self, folder: Path) -> None:
         """Resume: the raw adapters into the model, the EMA ones into self.ema."""
         raw, _ = read_lora(folder / WEIGHT_FILES["raw"])
-        load_adapters(self.model, raw, source=folder / WEIGHT_FILES["raw"])
+        load_adapters(self.model, raw, source=folder / WEIGHT_FILES["raw"], copy=copy_full_)
         ema, _ = read_lora(folder / WEIGHT_FILES["ema"])
         with torch.no_grad():
             for name, a in ema.items():
-                self.ema[name].down.copy_(a.down)
-                self.ema[name].up.copy_(a.up)
+                copy_full_(self.ema[name].down, a.down)
+                copy_full_(self.ema[name].up, a.up)
 
     @contextlib.contextmanager
     def ema_weights(self):
         """The model with the EMA adapters in place of the trained ones (for sample grids), restored after."""
-        saved = [t.detach().clone() for t in self._tensors(self.live)]
-        with torch.no_grad():
-            torch._foreach_copy_(self._tensors(self.live), self._tensors(self.ema))
+        live = self._tensors(self.live)
+        saved = [t.detach().clone() for t in live]
+        with torch.no_grad():  # one copy_ per tensor: sharded (DTensor) adapters have no _foreach_copy_
+            for t, e in zip(live, self._tensors(self.ema)):
+                t.copy_(e)
         try:
             yield self.model
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._tensors(self.live), saved)
+                for t, e in zip(live, saved):
+                    t.copy_(e)

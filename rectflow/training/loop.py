@@ -45,8 +45,8 @@ from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions
 from rectflow.training.finetune import (LoRATraining, attach_lora, check_fits, init_shapes, init_weights_path,
                                         load_init)
 from rectflow.training.model import build_model, compute_loss, context_splits
-from rectflow.training.parallel import (OPTIMIZER_FORMAT, full_model_state, full_optimizer_state,
-                                        load_full_optimizer_state, load_full_state, shard)
+from rectflow.training.parallel import (OPTIMIZER_FORMAT, device_mesh, full_model_state, full_optimizer_state,
+                                        load_full_optimizer_state, load_full_state, reshard, shard)
 from rectflow.training.prior import PriorPreservation
 from rectflow.training.stream import StreamBatches
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
@@ -134,7 +134,9 @@ class Trainer:
         if self.finite and not self.text.prepare(all_captions(self.dataset)):
             print(f"rectflow train: the {len(self.dataset)} captions' text features do not fit in memory; encoding "
                   f"them as they come (set cache_dir to keep them on disk)", file=sys.stderr)
-        self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.ctx.is_main else []
+        # the processes that draw grids and validate: rank 0, or under FSDP all (the EMA's forward is collective)
+        self.evaluates = self.ctx.is_main or (self.ctx.enabled and cfg.parallel != "ddp")
+        self.prompts = (cfg.sample_prompts or default_prompts(cfg)) if cfg.sample_every and self.evaluates else []
         self._val = None  # the validation inputs: prepared at the first validation
         self._release_encoders()
         torch.manual_seed(cfg.seed)
@@ -145,16 +147,7 @@ class Trainer:
             self.model.eval()
             self.prior.prepare(self._pipeline(self.model), self._sample_settings(), self.ctx, self.run_dir, cfg.bf16)
             self.model.train()
-        self.net = self.model
-        self.fsdp = self.ctx.enabled and cfg.parallel == "fsdp"
-        if self.fsdp:
-            shard(self.model)
-            shard(self.ema)
-        elif self.ctx.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-            # the last block's context stream only feeds keys and values: its query norm gets no gradient
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                               if self.device.type == "cuda" else None, find_unused_parameters=True)
+        self._parallelize()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.trainable, cfg)
         self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
@@ -202,15 +195,36 @@ class Trainer:
         self.model.to(self.device)
         if cfg.compile:
             compile_blocks(self.model)
-        if cfg.lora:
-            self.lora, self.ema = LoRATraining(self.model, self.init.path), None
-        else:
-            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # a LoRA run keeps an EMA of its adapters only (LoRATraining, set up in _parallelize)
+        self.ema = None if cfg.lora else copy.deepcopy(self.model).eval().requires_grad_(False)
 
     @property
     def finite(self) -> bool:
         """A data set read by index whose every item can be listed (not endless shapes, not a stream)."""
         return not self.streaming and len(self.dataset) < ENDLESS
+
+    def _parallelize(self) -> None:
+        """Wrap the model for several processes (DDP, or FSDP2 sharding of the model and its EMA), then set up the
+        LoRA's bookkeeping over the (possibly sharded) adapters."""
+        cfg = self.cfg
+        self.net = self.model
+        self.fsdp = self.ctx.enabled and cfg.parallel in ("fsdp", "hsdp")
+        if self.fsdp and cfg.fsdp_cpu_offload and self.device.type != "cuda":
+            raise ValueError(f"config key 'fsdp_cpu_offload': offloading keeps the weights on the CPU while a GPU "
+                             f"computes; this run computes on {self.device} (set it to false)")
+        if self.fsdp:
+            mesh = device_mesh(cfg.parallel, self.ctx.world_size, cfg.fsdp_shard_size, self.device.type)
+            mixed = cfg.bf16 if cfg.fsdp_mixed_precision is None else cfg.fsdp_mixed_precision
+            shard(self.model, mesh, mixed, cfg.fsdp_cpu_offload)
+            if self.ema is not None:
+                shard(self.ema, mesh, cpu_offload=cfg.fsdp_cpu_offload)
+        elif self.ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            # the last block's context stream only feeds keys and values: its query norm gets no gradient
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None, find_unused_parameters=True)
+        if cfg.lora:
+            self.lora = LoRATraining(self.model, self.init.path)
 
     def _release_encoders(self) -> None:
         """Free the text encoders and the autoencoder's encoder when nothing will need them: every caption of a
@@ -223,7 +237,7 @@ class Trainer:
         finite = self.finite and all(c in text.table for c in all_captions(self.dataset))
         if not wanted or not finite or (self.batches.cache is None and not is_identity(self.autoencoder)):
             return
-        if self.ctx.is_main:
+        if self.evaluates:
             text.prepare(self.prompts + [""] + ([cfg.class_prompt] if cfg.class_prompt else []))
             if cfg.val_every:
                 self.validation_inputs()
@@ -273,14 +287,17 @@ class Trainer:
         streams = self.batches.positions() if self.streaming else None
         if not (self.ctx.is_main or self.fsdp):
             return None
-        state, state_dicts = self._state(streams), None
+        state, state_dicts, adapters = self._state(streams), None, None
         if self.fsdp:
-            state_dicts = (full_model_state(self.model), full_model_state(self.ema))
             state.update(optimizer=full_optimizer_state(self.model, self.opt), optimizer_format=OPTIMIZER_FORMAT)
+            if self.lora is not None:
+                adapters = self.lora.full()
+            else:
+                state_dicts = (full_model_state(self.model), full_model_state(self.ema))
         if not self.ctx.is_main:
             return None
         if self.lora is not None:
-            bad = self.lora.nonfinite()
+            bad = self.lora.nonfinite(adapters)
         else:
             model_sd, ema_sd = state_dicts or (dict(self.model.named_parameters()), dict(self.ema.named_parameters()))
             bad = next((f"{kind}.{k}" for kind, sd in (("model", model_sd), ("ema", ema_sd)) for k, v in sd.items()
@@ -290,7 +307,7 @@ class Trainer:
                   f"last good checkpoint is {find_checkpoint(self.run_dir) or 'none'}", file=sys.stderr)
             return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.cfg, self.lora,
-                               self.uncond_prompt, state_dicts=state_dicts)
+                               self.uncond_prompt, state_dicts=state_dicts, adapters=adapters)
 
     # ---- one step
 
@@ -417,9 +434,15 @@ class Trainer:
         self._metrics = open(path, "a", buffering=1)
         self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None)
 
+    @contextlib.contextmanager
     def _weights(self):
         """The EMA weights as a model (a LoRA run: the model with its EMA adapters swapped in, restored after)."""
-        return self.lora.ema_weights() if self.lora is not None else contextlib.nullcontext(self.ema)
+        with (self.lora.ema_weights() if self.lora is not None else contextlib.nullcontext(self.ema)) as net:
+            try:
+                yield net
+            finally:
+                if self.fsdp:  # a forward without backward leaves the root's parameters gathered
+                    reshard(net)
 
     def validation_inputs(self) -> tuple:
         """(latents, context, pooled) of the validation images, prepared once; () when there is no val split."""
@@ -441,9 +464,10 @@ class Trainer:
             was_training = net.training
             result = validation_loss(net.eval(), self.formulation, *self._val, seed=self.cfg.seed, bf16=self.cfg.bf16)
             net.train(was_training)
-        for t, loss in zip(result["t"], result["loss"]):
-            self._writer.add_scalar(f"val/loss_t{t:.4f}", loss, self.step)
-        self._writer.add_scalar("val/loss", result["mean"], self.step)
+        if self._writer is not None:
+            for t, loss in zip(result["t"], result["loss"]):
+                self._writer.add_scalar(f"val/loss_t{t:.4f}", loss, self.step)
+            self._writer.add_scalar("val/loss", result["mean"], self.step)
         return {"val_loss": result["mean"], "val_loss_t": result["loss"]}
 
     def _sample_settings(self) -> dict:
@@ -459,13 +483,16 @@ class Trainer:
         return Pipeline(net, self.formulation, self.text, self.autoencoder, self.cfg.resolution, self.cfg.to_dict(),
                         source=str(self.run_dir), uncond_prompt=self.uncond_prompt)
 
-    def write_samples(self) -> Path:
-        """A captioned grid of the fixed prompts from the EMA weights (rank 0), in samples/ and TensorBoard."""
+    def write_samples(self) -> Path | None:
+        """A captioned grid of the fixed prompts from the EMA weights, in samples/ and TensorBoard (written by rank
+        0; under FSDP every rank draws it, the forward passes being collective)."""
         settings = self._sample_settings()
         with self._weights() as net:
             was_training = net.training
             images = generate(self._pipeline(net.eval()), self.prompts, bf16=self.cfg.bf16, **settings)
             net.train(was_training)
+        if not self.ctx.is_main:
+            return None
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         grid = save_images(images, self.prompts, path, {**settings, "run": str(self.run_dir), "train_step": self.step,
                                                         "weights": "ema"}, singles=False)
@@ -498,12 +525,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics = self.train_step()
                 dt = time.perf_counter() - t0
+                done = self.step == cfg.max_steps
                 window = (window + [dt])[-cfg.log_every:]
                 metrics["img_per_s"] = cfg.batch_size / dt
                 metrics["data_wait"] = metrics.pop("data_wait_s") / dt  # the share of the step spent waiting for data
                 metrics["time"] = time.perf_counter() - start
                 profiler.after_step(self.step)
-                if main and cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
+                if self.evaluates and cfg.val_every and (self.step % cfg.val_every == 0 or done):
                     metrics.update(self.validation())  # after the timing: img_per_s stays the training speed
                 bar.update(1)
                 if main:
@@ -515,11 +543,11 @@ class Trainer:
                         f"in a row (max_bad_steps = {cfg.max_bad_steps}); the last good checkpoint is "
                         f"{last if last else 'none (no checkpoint was written)'}. Try a lower lr, qk_norm: rms, "
                         f"grad_clip, or bf16: false.")
-                done = self.step == cfg.max_steps
                 # a skipped step left the weights as they were (good): checkpoint as usual; only an abort does not
                 if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
-                if main and cfg.sample_every and self.prompts and (done or self.step % cfg.sample_every == 0):
+                grid_due = done or (cfg.sample_every and self.step % cfg.sample_every == 0)
+                if self.evaluates and cfg.sample_every and self.prompts and grid_due:
                     self.write_samples()
         finally:
             profiler.close()
