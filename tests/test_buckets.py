@@ -125,7 +125,7 @@ def test_bucketed_cached_training_and_cache_keys(tmp_path):
 def test_buckets_need_a_folder(tmp_path, capsys):
     from rectflow.cli import main
     assert main(["train", "--data", "shapes", "--buckets", "--max-steps", "1", "--out", str(tmp_path / "r")]) == 2
-    assert "buckets is for folders of images" in capsys.readouterr().err
+    assert "does not take buckets (folders of images do)" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # CLI subprocesses, one killed
