@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rectflow.files import atomic_path, check_safetensors, read_json, write_json, write_text_atomic
+from rectflow.files import (SHARDED_INFO, atomic_path, check_safetensors, read_json, safetensors_metadata, write_json,
+                            write_text_atomic)
 from rectflow.lora import BASE_KEY, apply_loras, merge, read_lora
 from rectflow.models import baselines
 from rectflow.models.layouts import CONTEXT_BLOCK, GLOBAL, X_BLOCK
 from rectflow.models.mmdit import MMDiT
+from rectflow.runs import CHECKPOINTS, WEIGHT_FILES, is_complete, resolve_weights
 from rectflow.models.released import (FORMAT_TAG, OTHER_COMPONENTS, PICKLE_SUFFIXES, PREFIX,  # noqa: F401
                                       CheckpointError, _listing, _read_pickle, _read_safetensors, check_state_dict,
                                       infer_config, metadata_config, read_released)
@@ -135,6 +137,8 @@ def load_model(path, dtype: torch.dtype | None = None, allow_pickle: bool = Fals
     """Load any supported checkpoint: a rectflow file (an MM-DiT or a baseline, rectflow.models.baselines), a
     released file, a diffusers folder, or a LoRA run's weights (its base with the LoRA merged)."""
     path = Path(path)
+    if path.is_dir() and (path / SHARDED_INFO).is_file():
+        return load_sharded(path, dtype)
     if path.is_dir():
         return load_diffusers(path, dtype=dtype, allow_pickle=allow_pickle)
     base = _lora_base(path)
@@ -143,6 +147,28 @@ def load_model(path, dtype: torch.dtype | None = None, allow_pickle: bool = Fals
         merge(model, read_lora(path)[0], source=f"LoRA file {path}")
         return model if dtype is None else model.to(dtype)
     return from_single_file(path, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def load_sharded(folder: Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of a sharded weights folder (checkpoint_format: sharded), consolidated in this process: built from
+    its recorded config, every tensor read whole from the shards by torch.distributed.checkpoint (whatever the
+    number of processes that wrote them)."""
+    import torch.distributed.checkpoint as dcp  # only sharded checkpoints need it
+
+    meta = safetensors_metadata(folder)
+    config = metadata_config(meta, folder)
+    if config is None or "rectflow.dcp_key" not in meta:
+        raise CheckpointError(f"{folder / SHARDED_INFO}: no rectflow model config or dcp_key")
+    with torch.device("meta"):
+        model = MMDiT.from_config(config) if "arch" not in config else baselines.from_config(config)
+    model.to_empty(device="cpu")
+    key = meta["rectflow.dcp_key"]
+    target = {key: model.state_dict()}  # the model's own tensors: loading fills them in place
+    try:
+        dcp.load(target, checkpoint_id=str(folder), no_dist=True)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{folder}: the shards do not load into the recorded model ({err})") from err
+    return model if dtype is None else model.to(dtype)
 
 
 def _lora_base(path: Path) -> Path | None:
@@ -325,7 +351,10 @@ def load_diffusers(folder, dtype: torch.dtype | None = None, allow_pickle: bool 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `rectflow convert`."""
-    parser.add_argument("src", help="a released SD3/SD3.5 or rectflow .safetensors file, or a diffusers folder")
+    parser.add_argument("src", help="a released SD3/SD3.5 or rectflow .safetensors file, a diffusers folder, or a "
+                                    "training run or checkpoint folder (sharded checkpoints are consolidated)")
+    parser.add_argument("--weights", choices=sorted(WEIGHT_FILES), default=None,
+                        help="of a run or checkpoint folder: the EMA (default) or the raw weights")
     parser.add_argument("dst", help="output file (rectflow, sd3) or folder (diffusers)")
     parser.add_argument("--to", choices=["rectflow", "diffusers", "sd3"], default=None,
                         help="output layout; unset: rectflow for a .safetensors dst, else diffusers")
@@ -342,6 +371,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 1); repeatable, applied in order")
 
 
+def source_weights(src: str, weights: str | None) -> Path:
+    """The weights `rectflow convert` reads: a run's or checkpoint folder's (rectflow.runs.resolve_weights; EMA
+    unless asked), else src itself."""
+    path = Path(src)
+    if (path / CHECKPOINTS).is_dir():
+        return resolve_weights(run=src, weights=weights)
+    if path.is_dir() and is_complete(path):
+        return resolve_weights(checkpoint=src, weights=weights)
+    if weights is not None:
+        raise ValueError(f"--weights picks the weights of a run or checkpoint folder; {src} is neither")
+    return path
+
+
 def run(args) -> int:
     """Convert args.src to args.dst."""
     to = args.to or ("rectflow" if str(args.dst).endswith(".safetensors") else "diffusers")
@@ -349,7 +391,7 @@ def run(args) -> int:
         print("rectflow convert: error: --prefix only applies to --to sd3", file=sys.stderr)
         return 2
     try:
-        model = load_model(args.src, allow_pickle=args.allow_pickle)
+        model = load_model(source_weights(args.src, args.weights), allow_pickle=args.allow_pickle)
         apply_loras(model, args.merge_lora)  # before any cast: the update is added in float32
         if args.dtype:
             model = model.to(DTYPES[args.dtype])

@@ -134,6 +134,11 @@ class TrainConfig:
     # bookkeeping
     checkpoint_every: int = _f(500, "write a checkpoint every N steps (and always at the end); 0: only at the end",
                                resume=True)
+    checkpoint_format: str = _f("full", "full: rank 0 writes whole safetensors files (gathered from shards under "
+                                        "FSDP); sharded: every rank writes its shards (torch.distributed.checkpoint), "
+                                        "rectflow convert consolidates them", ("full", "sharded"))
+    checkpoint_async: bool = _f(True, "sharded checkpoints: written by a background thread from a CPU copy while "
+                                      "training goes on", resume=True)
     keep_last: int = _f(2, "keep the newest N checkpoints, delete older ones", resume=True)
     log_every: int = _f(10, "write TensorBoard scalars and refresh the progress bar every N steps "
                             "(metrics.jsonl gets every step)", resume=True)
@@ -201,6 +206,9 @@ class TrainConfig:
         if self.class_images < 1 or self.prior_weight < 0:
             raise ValueError(f"config keys 'class_images' / 'prior_weight': expected >= 1 / >= 0, got "
                              f"{self.class_images!r} / {self.prior_weight!r}")
+        if self.checkpoint_format == "sharded" and self.lora:
+            raise ValueError("config key 'checkpoint_format': a LoRA run's checkpoints are its small adapter files; "
+                             "use full")
         if self.lora < 0:
             raise ValueError(f"config key 'lora': expected a rank >= 1, or 0 for no LoRA, got {self.lora!r}")
         if self.lora and not self.init:

@@ -152,10 +152,36 @@ def check_zip(path: str | Path) -> None:
                           f"{'truncated or damaged' if kind and kind.startswith('a zip') else kind or err})") from None
 
 
+SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded folder
+SHARDED_INFO = "rectflow.json"  # beside it: what a weights file's safetensors header would say
+
+
+def check_sharded(folder: str | Path) -> None:
+    """A torch.distributed.checkpoint weights folder with its index, its shard files (__R_0.distcp) and rectflow's
+    metadata, none empty: DamagedFile otherwise (FileNotFoundError when it is not there)."""
+    folder = Path(folder)
+    if not (folder / SHARDED_METADATA).is_file():
+        raise FileNotFoundError(f"{folder} is not a sharded checkpoint folder (no {SHARDED_METADATA})")
+    for f in [folder / SHARDED_METADATA, *folder.glob("*.distcp")]:
+        if f.stat().st_size == 0:
+            raise DamagedFile(f"{f} is empty (an interrupted write)")
+    if not any(folder.glob("*.distcp")):
+        raise DamagedFile(f"{folder} holds no shard files (*.distcp)")
+    try:
+        info = json.loads((folder / SHARDED_INFO).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DamagedFile(f"{folder / SHARDED_INFO}: unreadable ({err})") from None
+    if not isinstance(info, dict):
+        raise DamagedFile(f"{folder / SHARDED_INFO}: expected a JSON object")
+
+
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The header metadata of a .safetensors file (checked as check_safetensors does); {} for folders and other
-    files."""
+    """The header metadata of a .safetensors file (checked as check_safetensors does), or of a sharded weights
+    folder (its rectflow.json); {} for other folders and files."""
     path = Path(path)
+    if path.is_dir() and (path / SHARDED_INFO).is_file():
+        check_sharded(path)
+        return json.loads((path / SHARDED_INFO).read_text())
     if path.suffix.lower() != ".safetensors" or path.is_dir():
         return {}
     return check_safetensors(path).get("__metadata__") or {}

@@ -4,7 +4,9 @@
     RUN/metrics.jsonl               one record per training step
     RUN/tb/                         TensorBoard
     RUN/samples/step_N.png          sample grids written during training
-    RUN/checkpoints/step_N/         model.safetensors (raw), ema.safetensors, state.pt (optimizer, step, RNG)
+    RUN/checkpoints/step_N/         model.safetensors (raw), ema.safetensors, state.pt (optimizer, step, RNG);
+                                    a sharded checkpoint has model.dcp/ and ema.dcp/ (torch.distributed.checkpoint
+                                    folders, the optimizer state in model.dcp) in place of the two files
     RUN/checkpoints/latest          the name of the newest complete step_N, written last
     RUN/cache/                      latents (and text features) of the run's data, unless cache_dir says otherwise
     RUN/eval/                       `rectflow eval` reports
@@ -20,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from rectflow.files import DamagedFile, check_safetensors, check_zip, fsync, write_text_atomic
+from rectflow.files import (SHARDED_METADATA, DamagedFile, check_safetensors, check_sharded, check_zip, fsync,
+                            write_text_atomic)
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -28,6 +31,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.pt"
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
+SHARDED_WEIGHTS = {"ema": "ema.dcp", "raw": "model.dcp"}  # checkpoint_format: sharded
 CHECKPOINT_FILES = (WEIGHT_FILES["raw"], WEIGHT_FILES["ema"], STATE)
 
 
@@ -46,17 +50,29 @@ class DamagedCheckpoint(ValueError):
     loadable one."""
 
 
+def is_sharded(ck_dir: Path) -> bool:
+    """A checkpoint written as torch.distributed.checkpoint folders (checkpoint_format: sharded)."""
+    return all((Path(ck_dir) / d / SHARDED_METADATA).is_file() for d in SHARDED_WEIGHTS.values())
+
+
 def is_complete(ck_dir: Path) -> bool:
     """A checkpoint directory with all its files (whether they load: checkpoint_problem)."""
-    return all((Path(ck_dir) / f).is_file() for f in CHECKPOINT_FILES)
+    ck_dir = Path(ck_dir)
+    if (ck_dir / STATE).is_file() and is_sharded(ck_dir):
+        return True
+    return all((ck_dir / f).is_file() for f in CHECKPOINT_FILES)
 
 
 def checkpoint_problem(ck_dir: Path) -> str | None:
     """Why a complete checkpoint directory does not load (a damaged header, a truncated file), or None."""
     ck_dir = Path(ck_dir)
     try:
-        check_safetensors(ck_dir / WEIGHT_FILES["raw"])
-        check_safetensors(ck_dir / WEIGHT_FILES["ema"])
+        if is_sharded(ck_dir):
+            for d in SHARDED_WEIGHTS.values():
+                check_sharded(ck_dir / d)
+        else:
+            check_safetensors(ck_dir / WEIGHT_FILES["raw"])
+            check_safetensors(ck_dir / WEIGHT_FILES["ema"])
         check_zip(ck_dir / STATE)
     except (DamagedFile, FileNotFoundError) as err:
         return str(err)
@@ -114,12 +130,22 @@ def check_resumable(run_dir: str | Path, from_last_good: bool) -> Path | None:
 def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
     """checkpoints/step_N written atomically: `write(tmp_dir)` fills a temp folder, which is flushed and renamed into
     place; then `latest` points at it and all but the newest `keep_last` are removed. Returns the folder."""
+    tmp = begin_checkpoint(run_dir, step)
+    write(tmp)
+    return finish_checkpoint(run_dir, step, tmp, keep_last)
+
+
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """The temp folder checkpoint `step` is written into (by one process, or by every rank of a sharded save)."""
     ck_root = checkpoint_root(run_dir)
     ck_root.mkdir(parents=True, exist_ok=True)
-    name = step_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ck_root))
-    write(tmp)
-    for f in tmp.iterdir():
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{step_name(step)}-", dir=ck_root))
+
+
+def finish_checkpoint(run_dir: str | Path, step: int, tmp: Path, keep_last: int) -> Path:
+    """Flush a filled temp folder, rename it to step_N, point `latest` at it, prune; returns step_N."""
+    ck_root, name = checkpoint_root(run_dir), step_name(step)
+    for f in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
         fsync(f)
     fsync(tmp)  # the directory's entries too: after a crash the renamed directory must hold all its files
     final = ck_root / name
@@ -163,7 +189,7 @@ def resolve_weights(run: str | None = None, checkpoint: str | None = None, weigh
         ck = find_checkpoint(run)
         if ck is None:
             raise FileNotFoundError(f"run {run} has no complete checkpoint (checkpoints/latest or step_N missing)")
-        return ck / WEIGHT_FILES[weights or "ema"]
+        return _weights_in_folder(ck, weights or "ema")
     if checkpoint is None:
         raise ValueError("give --run DIR or --checkpoint FILE")
     path = Path(checkpoint)
@@ -179,6 +205,8 @@ def resolve_weights(run: str | None = None, checkpoint: str | None = None, weigh
 
 def _weights_in_folder(path: Path, weights: str | None) -> Path:
     """The weights file of a checkpoint directory (or the directory itself when it is a diffusers folder)."""
+    if is_sharded(path):
+        return path / SHARDED_WEIGHTS[weights or "ema"]
     if weights is not None:
         if not (path / WEIGHT_FILES[weights]).is_file():
             held = sorted(p.name for p in path.glob("*.safetensors")) or "no .safetensors file"

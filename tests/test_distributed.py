@@ -126,3 +126,29 @@ def test_fsdp_lora_with_grids_and_validation_matches_one_and_resumes(tmp_path):
                        start_method="spawn")
     mp.start_processes(_resume_worker, args=(2, _free_port(), str(cut), sharded), nprocs=2, start_method="spawn")
     torch.testing.assert_close(torch.tensor(_losses(cut)), torch.tensor(_losses(fsdp)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # five spawned processes
+def test_sharded_async_checkpoints_resume_on_one_and_consolidate(tmp_path):
+    """checkpoint_format: sharded (every rank writes its shards, asynchronously): saved by 2 FSDP processes at step
+    2, continued by 1 plain process with the same next losses; `rectflow convert` consolidates the 2-process and the
+    1-process shards into the same weights."""
+    from rectflow.cli import main
+    sharded = {**CFG, "parallel": "fsdp", "checkpoint_every": 2, "lr_schedule": "constant",
+               "checkpoint_format": "sharded"}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    mp.start_processes(_worker, args=(2, _free_port(), str(whole), sharded), nprocs=2, start_method="spawn")
+    ck = find_checkpoint(whole)
+    assert sorted(p.name for p in ck.iterdir()) == ["ema.dcp", "model.dcp", "state.pt"]
+    assert len(list((ck / "model.dcp").glob("*.distcp"))) == 2
+    mp.start_processes(_worker, args=(2, _free_port(), str(cut), {**sharded, "max_steps": 2}), nprocs=2,
+                       start_method="spawn")
+    mp.start_processes(_resume_worker, args=(1, _free_port(), str(cut), {**sharded, "parallel": "ddp"}), nprocs=1,
+                       start_method="spawn")
+    torch.testing.assert_close(torch.tensor(_losses(cut)), torch.tensor(_losses(whole)), rtol=1e-5, atol=1e-6)
+    for run in (whole, cut):
+        assert main(["convert", str(run), str(tmp_path / f"{run.name}.safetensors")]) == 0
+    a, b = (load_file(tmp_path / f"{name}.safetensors") for name in ("whole", "cut"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -71,3 +71,12 @@ def all_gather_objects(obj, ctx: Context) -> list:
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, ctx: Context):
+    """Rank 0's (picklable) object on every process."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -36,17 +36,20 @@ from rectflow.files import write_text_atomic
 from rectflow.flow import Formulation
 from rectflow.images import save_images
 from rectflow.models.layers import compile_blocks
-from rectflow.runs import CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkpoint_root, clean_temp, find_checkpoint
+from rectflow.runs import (CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkpoint_root, clean_temp, find_checkpoint,
+                           is_sharded)
 from rectflow.pipeline import DEFAULTS_FOR_RELEASED, Pipeline, generate
 from rectflow.training import distributed
-from rectflow.training.checkpoint import STATE_VERSION, load_state, save_checkpoint
+from rectflow.training.checkpoint import (STATE_VERSION, ShardedCheckpoints, load_sharded_training, load_state,
+                                          save_checkpoint, weights_metadata)
 from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions, data_options, default_prompts,
                                     frozen_text_encoder, is_identity)
 from rectflow.training.finetune import (LoRATraining, attach_lora, check_fits, init_shapes, init_weights_path,
                                         load_init)
 from rectflow.training.model import build_model, compute_loss, context_splits
-from rectflow.training.parallel import (OPTIMIZER_FORMAT, device_mesh, full_model_state, full_optimizer_state,
-                                        load_full_optimizer_state, load_full_state, reshard, shard)
+from rectflow.training.parallel import (OPTIMIZER_FORMAT, all_finite, device_mesh, full_model_state,
+                                        full_optimizer_state, load_full_optimizer_state, load_full_state, reshard,
+                                        shard)
 from rectflow.training.prior import PriorPreservation
 from rectflow.training.stream import StreamBatches
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
@@ -150,6 +153,7 @@ class Trainer:
         self._parallelize()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.trainable, cfg)
+        self.sharded = ShardedCheckpoints(self.run_dir, cfg, self.ctx) if cfg.checkpoint_format == "sharded" else None
         self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
         self._writer = None
         if resume:
@@ -261,7 +265,9 @@ class Trainer:
         if ck is None:
             return
         state = load_state(ck)
-        if self.lora is not None:
+        if is_sharded(ck):
+            load_sharded_training(ck, self.model, self.ema, self.opt, self.ctx)
+        elif self.lora is not None:
             self.lora.load(ck)
         elif self.fsdp:
             load_full_state(self.model, load_file(str(ck / WEIGHT_FILES["raw"])))
@@ -271,7 +277,7 @@ class Trainer:
             self.ema.load_state_dict(load_file(str(ck / WEIGHT_FILES["ema"]), device=str(self.device)))
         if state.get("optimizer_format") == OPTIMIZER_FORMAT:  # written by a sharded run: keyed by parameter name
             load_full_optimizer_state(self.model, self.opt, state["optimizer"])
-        else:
+        elif not is_sharded(ck):  # (a sharded checkpoint's is in its model.dcp, loaded above)
             self.opt.load_state_dict(state["optimizer"])
         self.step, self.skipped = state["step"], state["skipped"]
         self.bad_streak, self.images_seen = state["bad_streak"], state["images_seen"]
@@ -285,6 +291,8 @@ class Trainer:
         FSDP every rank first gathers the full weights, EMA and optimizer state, and streams gather their positions
         (collectives)."""
         streams = self.batches.positions() if self.streaming else None
+        if self.sharded is not None:
+            return self._save_sharded(streams)
         if not (self.ctx.is_main or self.fsdp):
             return None
         state, state_dicts, adapters = self._state(streams), None, None
@@ -308,6 +316,24 @@ class Trainer:
             return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.cfg, self.lora,
                                self.uncond_prompt, state_dicts=state_dicts, adapters=adapters)
+
+    def _save_sharded(self, streams: dict | None) -> None:
+        """Start a sharded checkpoint of the current step on every rank (it appears once all shards are written),
+        unless a weight is not finite on any rank."""
+        bad = torch.tensor([float(not all_finite(m)) for m in (self.model, self.ema)], device=self.device)
+        bad = distributed.all_reduce_sum(bad, self.ctx).tolist()
+        if any(bad):
+            if self.ctx.is_main:
+                kind = "model" if bad[0] else "ema"
+                print(f"rectflow train: step {self.step}: not writing a checkpoint, the {kind} weights hold non-finite "
+                      f"values; the last good checkpoint is {find_checkpoint(self.run_dir) or 'none'}",
+                      file=sys.stderr)
+            return None
+        state = {**self._state(streams), "optimizer": None, "optimizer_format": "dcp"}
+        metadata = {kind: weights_metadata(m, self.cfg, self.step, kind, self.uncond_prompt)
+                    for kind, m in (("raw", self.model), ("ema", self.ema))}
+        self.sharded.save(self.step, self.model, self.ema, self.opt, state, metadata)
+        return None
 
     # ---- one step
 
@@ -537,6 +563,8 @@ class Trainer:
                 if main:
                     self._log(metrics, bar, window)
                 if self.bad_streak >= cfg.max_bad_steps:
+                    if self.sharded is not None:
+                        self.sharded.wait()
                     last = find_checkpoint(self.run_dir)
                     raise TrainingAborted(
                         f"training aborted at step {self.step}: {self.bad_streak} non-finite losses or gradient norms "
@@ -549,6 +577,8 @@ class Trainer:
                 grid_due = done or (cfg.sample_every and self.step % cfg.sample_every == 0)
                 if self.evaluates and cfg.sample_every and self.prompts and grid_due:
                     self.write_samples()
+            if self.sharded is not None:
+                self.sharded.wait()
         finally:
             profiler.close()
             bar.close()

@@ -67,6 +67,12 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def all_finite(model: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer this process holds (its shards) is finite."""
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in (*model.parameters(), *model.buffers())]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A parameter whole: gathered from its shards (a collective) when it is a DTensor, else itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
