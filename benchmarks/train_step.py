@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rectflow.checkpoints import diffusers_config, to_diffusers_state_dict  # noqa: E402
 from rectflow.models import MMDiT  # noqa: E402
+from rectflow.models.flops import forward_flops  # noqa: E402
 
 CONTEXT_LEN, CONTEXT_DIM, POOLED_DIM, CHANNELS = 32, 384, 384, 16  # MiniLM-sized text conditioning, SD3 latents
 
@@ -45,29 +46,6 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, clock, reps: i
         sync(device)
         best = min(best, clock() - t0)
     return 2 * n ** 3 / best / 1e9
-
-
-def forward_flops(cfg: dict, h_lat: int, w_lat: int, n_ctx: int) -> float:
-    """Multiply-add FLOPs (x2) of one sample's forward pass, counting the work the model needs: the pre-only last
-    context block computes keys and values only and the last joint attention has image queries only."""
-    h, p, depth = cfg["hidden_size"], cfg["patch_size"], cfg["depth"]
-    mlp = int(h * cfg["mlp_ratio"])
-    n = (h_lat // p) * (w_lat // p)
-    lin = lambda tokens, fan_in, fan_out: 2.0 * tokens * fan_in * fan_out  # noqa: E731
-    total = lin(n, cfg["in_channels"] * p * p, h) + lin(n_ctx, cfg["context_dim"], h)
-    total += lin(1, 256, h) + lin(1, h, h) + lin(1, cfg["pooled_dim"], h) + lin(1, h, h)
-    for i in range(depth):
-        last, dual = i == depth - 1, i in cfg["dual_attention_layers"]
-        total += lin(1, h, (9 if dual else 6) * h) + lin(1, h, (2 if last else 6) * h)
-        total += lin(n, h, 3 * h) + lin(n, h, h) + 2 * lin(n, h, mlp)
-        if last:
-            total += lin(n_ctx, h, 2 * h) + 4.0 * n * (n + n_ctx) * h
-        else:
-            total += lin(n_ctx, h, 3 * h) + lin(n_ctx, h, h) + 2 * lin(n_ctx, h, mlp)
-            total += 4.0 * (n + n_ctx) ** 2 * h
-        if dual:
-            total += lin(n, h, 3 * h) + lin(n, h, h) + 4.0 * n * n * h
-    return total + lin(1, h, 2 * h) + lin(n, h, p * p * cfg["out_channels"])
 
 
 def build_pair(depth: int, latent: int, device: torch.device):

@@ -247,3 +247,21 @@ def test_activation_checkpointing_gives_identical_gradients(every):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("kw", [dict(depth=2), dict(depth=3, dual_attention_layers=(0, 1), qk_norm="rms")])
+def test_forward_flops_match_torch_s_flop_counter(kw):
+    """The analytic FLOPs behind MFU (rectflow.models.flops) equal torch's count of a forward pass (bf16 on the CPU,
+    whose attention runs as matmuls the counter sees), for SD3- and SD3.5-shaped blocks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rectflow.models.flops import forward_flops
+    kw = dict(kw)
+    model = MMDiT.from_depth(kw.pop("depth"), in_channels=16, context_dim=96, pooled_dim=64, input_size=16,
+                             **kw).bfloat16()
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 16, 16, 16, generator=g), torch.rand(1, generator=g),
+              torch.randn(1, 12, 96, generator=g), torch.randn(1, 64, generator=g)]
+    with FlopCounterMode(display=False) as counter:
+        model(*[x.bfloat16() for x in inputs])
+    assert counter.get_total_flops() == forward_flops(model.config, 16, 16, 12)

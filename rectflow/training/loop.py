@@ -35,6 +35,7 @@ from rectflow.evaluate.val_loss import validation_inputs, validation_loss
 from rectflow.files import write_text_atomic
 from rectflow.flow import Formulation
 from rectflow.images import save_images
+from rectflow.models.flops import forward_flops, peak_flops
 from rectflow.models.layers import compile_blocks
 from rectflow.runs import (CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkpoint_root, clean_temp, find_checkpoint,
                            is_sharded)
@@ -154,6 +155,8 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.trainable, cfg)
         self.sharded = ShardedCheckpoints(self.run_dir, cfg, self.ctx) if cfg.checkpoint_format == "sharded" else None
+        self._flops = self._train_flops_per_image()
+        self._peak = peak_flops(self.device)
         self.step, self.skipped, self.bad_streak, self.images_seen = 0, 0, 0, 0
         self._writer = None
         if resume:
@@ -229,6 +232,25 @@ class Trainer:
                                                if self.device.type == "cuda" else None, find_unused_parameters=True)
         if cfg.lora:
             self.lora = LoRATraining(self.model, self.init.path)
+
+    def _train_flops_per_image(self) -> float | None:
+        """Model FLOPs of one image's training step (3x the forward: backward is twice it) for MFU; None for the
+        architecture-study baselines."""
+        config = self.model.config
+        if "arch" in config:
+            return None
+        side = self.latent_shape[1]
+        return 3 * forward_flops(config, side, side, self.text.seq_len)
+
+    def _device_metrics(self, dt: float) -> dict:
+        """On a GPU: the step's peak memory (GiB) and, where the device's peak is known, model FLOP utilisation."""
+        out = {}
+        if self.device.type == "cuda":
+            out["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self._flops and self._peak:
+            out["mfu"] = self._flops * self.cfg.batch_size / dt / (self._peak * self.ctx.world_size)
+        return out
 
     def _release_encoders(self) -> None:
         """Free the text encoders and the autoencoder's encoder when nothing will need them: every caption of a
@@ -556,6 +578,7 @@ class Trainer:
                 metrics["img_per_s"] = cfg.batch_size / dt
                 metrics["data_wait"] = metrics.pop("data_wait_s") / dt  # the share of the step spent waiting for data
                 metrics["time"] = time.perf_counter() - start
+                metrics.update(self._device_metrics(dt))
                 profiler.after_step(self.step)
                 if self.evaluates and cfg.val_every and (self.step % cfg.val_every == 0 or done):
                     metrics.update(self.validation())  # after the timing: img_per_s stays the training speed
@@ -599,8 +622,10 @@ class Trainer:
         self._writer.add_scalar("train/img_per_s", img_s, self.step)
         self._writer.add_scalar("train/skipped_steps", self.skipped, self.step)
         loss = metrics["loss"]
+        device = {k: f"{metrics[k]:.1f}" if k == "mem_gib" else f"{metrics[k]:.0%}" for k in ("mfu", "mem_gib")
+                  if k in metrics}
         bar.set_postfix(loss="nan" if loss is None else f"{loss:.4f}", img_s=f"{img_s:.1f}",
-                        data_wait=f"{metrics['data_wait']:.0%}", skipped=self.skipped)
+                        data_wait=f"{metrics['data_wait']:.0%}", skipped=self.skipped, **device)
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, from_last_good: bool = False) -> Path:
