@@ -19,6 +19,7 @@ COMMANDS = {
     "convert": ("rectflow.checkpoints", "convert MM-DiT weights between the released (SD3) and diffusers layouts"),
     "convert-lora": ("rectflow.lora.cli", "convert a LoRA between the rectflow, diffusers, kohya and ComfyUI layouts"),
     "shards": ("rectflow.shards", "pack a folder of images (or built-in data) into WebDataset-style tar shards"),
+    "cache": ("rectflow.training.precompute", "precompute a data set's latents and text features into shards"),
     "demo": ("rectflow.demo", "sample the shipped model and train a small one from scratch on built-in data"),
     "ablate": ("rectflow.ablate", "run the paper's studies at small scale and write reports"),
 }

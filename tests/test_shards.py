@@ -3,7 +3,9 @@ at their position, damage is skipped and counted, and a streaming run killed wit
 (and losses) of an uninterrupted one."""
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import json
 import os
 import subprocess
@@ -175,3 +177,60 @@ def test_streaming_run_resumes_after_sigkill_without_repeating_or_skipping(tmp_p
     assert losses(run) == losses(ref)
     state = torch.load(run / "checkpoints" / "step_00000030" / "state.pt", weights_only=True)
     assert state["data_streams"]["layout"] == 2 and set(state["data_streams"]["streams"]) == {"0", "1"}
+
+
+def test_rectflow_cache_precomputes_latents_and_text_that_training_streams(tmp_path, capsys):
+    """`rectflow cache` writes each sample's latent and text features (np.load reads them, the autoencoder's and
+    text encoder's outputs); training on them needs no image decoding and no text encoding (the encoders are
+    released) and learns like training on the images; a mismatched autoencoder is refused by name."""
+    import numpy as np
+
+    from rectflow.autoencoder import SmallAE, load_autoencoder
+    from rectflow.data.shards import LATENT
+    from rectflow.text import load_text_encoder
+    from rectflow.training.loop import Trainer
+    from tests.test_train import losses, tiny
+    torch.manual_seed(0)
+    SmallAE(channels=4, factor=2, width=8).save(tmp_path / "ae.safetensors")
+    ae_spec = f"small:{tmp_path / 'ae.safetensors'}"
+    out = tmp_path / "cached"
+    assert main(["cache", "--data", "shapes", "--count", "32", "--autoencoder", ae_spec, "--text-encoder", "minilm",
+                 "--resolution", "16", "--shard-size", "8", "--out", str(out),
+                 "--batch", "5"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 32 and len(manifest["shards"]) == 4 and manifest["cache"]["resolution"] == 16
+    first = dict(iter_tar(str(out / "shard-000000.tar")))["00000000"]
+    latent = np.load(io.BytesIO(first[LATENT]))
+    item = get_dataset("shapes", 16, seed=0)[0]
+    ae = load_autoencoder(ae_spec)
+    want = ae.encode(item["image"][None]).float()[0]
+    torch.testing.assert_close(torch.from_numpy(latent).float(), want, rtol=2e-3, atol=2e-3)  # float16 storage
+    context = np.load(io.BytesIO(first["context.npy"]))
+    torch.testing.assert_close(torch.from_numpy(context).float(),
+                               load_text_encoder("minilm").encode([item["caption"]])[0][0].float(), rtol=2e-3, atol=2e-3)
+    cfg = tiny(data=str(out), autoencoder=ae_spec, text_encoder="minilm", max_steps=4, release_encoders=True,
+               patch_size=2, val_every=4, val_size=4, data_options={})
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.text.encoder is None
+    run = trainer.fit()
+    assert len(losses(run)) == 4 and all(math.isfinite(x) for x in losses(run))
+    assert "val_loss" in (run / "metrics.jsonl").read_text().splitlines()[-1]
+    bad = main(["train", "--data", str(out), "--autoencoder", "identity", "--text-encoder", "minilm", "--resolution",
+                "16", "--max-steps", "1", "--out", str(tmp_path / "bad")])
+    assert bad == 2 and "precomputed with autoencoder" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # DataLoader worker processes
+def test_resume_with_another_stream_layout_starts_the_next_epoch(tmp_path, capsys):
+    """Saved by a run without workers (1 stream), resumed with 2 workers (2 streams): the old stream cannot be
+    continued, so the new ones start at the next epoch, and the run says so."""
+    from rectflow.train import train
+    from tests.test_train import tiny
+    _shapes_shards(tmp_path / "data", n=32, shard_size=8)
+    cfg = tiny(data=str(tmp_path / "data"), data_options={"shuffle_buffer": 4}, max_steps=2, log_samples=True)
+    train(cfg, tmp_path / "run")
+    train(dataclasses.replace(cfg, max_steps=4, workers=2), tmp_path / "run", resume=True)
+    assert "data streams were 1 (processes x workers), this run has 2" in capsys.readouterr().err
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
+    assert state["data_streams"]["layout"] == 2
+    assert {p["epoch"] for p in state["data_streams"]["streams"].values()} == {1}

@@ -40,6 +40,8 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they a
 CAPTION_FIELDS = ("caption", "text", "prompt")  # a .json member's caption, when there is no .txt
 # what a truncated, corrupt or unreachable shard raises while it is read
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
+# members of precomputed samples (rectflow cache): the latent and the text features, float16 .npy
+LATENT, CONTEXT, POOLED = "latent.npy", "context.npy", "pooled.npy"
 SHUFFLE_BUFFER = 1000  # samples each stream holds for shuffling (WebDataset's usual size)
 
 
@@ -139,9 +141,36 @@ def resolve(spec: str) -> tuple[list[str], dict | None]:
 # ---- samples
 
 
+def npy_member(t: torch.Tensor) -> bytes:
+    """A tensor as .npy bytes (what WebDataset's "npy" decoder and numpy.load read)."""
+    buf = io.BytesIO()
+    np.save(buf, t.detach().cpu().numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy(data: bytes) -> torch.Tensor:
+    try:
+        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).copy())
+    except (ValueError, OSError, EOFError) as err:
+        raise UnusableImage(f"a .npy member does not load ({err})") from None
+
+
+def decode_cached(key: str, files: dict[str, bytes]) -> dict:
+    """A precomputed sample (rectflow cache): latent [C, h, w] float32, caption, and the text features when
+    cached (context [L, D], pooled [P])."""
+    item = {"latent": _npy(files[LATENT]).float(), "caption": files.get("txt", b"").decode("utf-8", "replace"),
+            "meta": {"key": key}}
+    if CONTEXT in files and POOLED in files:
+        item["context"], item["pooled"] = _npy(files[CONTEXT]).float(), _npy(files[POOLED]).float()
+    return item
+
+
 def decode_sample(key: str, files: dict[str, bytes], resolution: int, crop: str = "center",
                   default_caption: str = "") -> dict:
-    """A sample's members -> a data-set item (image [3, R, R] in [-1, 1], caption, meta); UnusableImage if not."""
+    """A sample's members -> a data-set item (image [3, R, R] in [-1, 1], caption, meta; or a precomputed sample's
+    latent and text features, decode_cached); UnusableImage if not."""
+    if LATENT in files:
+        return decode_cached(key, files)
     ext = next((e for e in IMAGE_MEMBERS if e in files), None)
     if ext is None:
         raise UnusableImage(f"no image member ({', '.join(IMAGE_MEMBERS)}) among {sorted(files)}")
@@ -188,6 +217,12 @@ class ShardSet:
         self.urls, self.manifest = resolve(spec)
         if not self.urls:
             raise ShardError(f"{spec}: the shard list is empty")
+
+    @property
+    def cached(self) -> dict | None:
+        """What a precomputed shard set (rectflow cache) was encoded with ({"autoencoder", "text_encoder",
+        "resolution"}), or None for images."""
+        return (self.manifest or {}).get("cache")
 
     def __len__(self) -> int:
         """Samples per epoch (from the manifest; 0 when unknown)."""

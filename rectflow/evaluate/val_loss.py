@@ -62,8 +62,13 @@ def validation_inputs(dataset, n: int, text_encoder, autoencoder, device="cpu") 
     if n < 1:
         raise ValueError("validation loss needs at least one validation item (the data set's val split is empty)")
     items = [dataset[i] for i in range(n)]
-    images = torch.stack([it["image"] for it in items]).to(device)
-    x0 = torch.cat([autoencoder.encode(images[i:i + 64]).float() for i in range(0, n, 64)]).cpu()
+    if all("latent" in it for it in items):  # precomputed shards (rectflow cache)
+        x0 = torch.stack([it["latent"] for it in items])
+    else:
+        images = torch.stack([it["image"] for it in items]).to(device)
+        x0 = torch.cat([autoencoder.encode(images[i:i + 64]).float() for i in range(0, n, 64)]).cpu()
+    if all("context" in it for it in items):
+        return x0, torch.stack([it["context"] for it in items]), torch.stack([it["pooled"] for it in items])
     encoded = {c: text_encoder.encode([c]) for c in dict.fromkeys(it["caption"] for it in items)}
     context = torch.cat([encoded[it["caption"]][0].float().cpu() for it in items])
     pooled = torch.cat([encoded[it["caption"]][1].float().cpu() for it in items])

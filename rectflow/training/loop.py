@@ -52,7 +52,7 @@ from rectflow.training.parallel import (OPTIMIZER_FORMAT, all_finite, device_mes
                                         full_optimizer_state, load_full_optimizer_state, load_full_state, reshard,
                                         shard)
 from rectflow.training.prior import PriorPreservation
-from rectflow.training.stream import StreamBatches
+from rectflow.training.stream import StreamBatches, check_cached
 from rectflow.training.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from rectflow.training.randomness import generator_for, rng_states, seed_for, set_rng_states
 
@@ -130,6 +130,7 @@ class Trainer:
         self.dataset = self._dataset()
         self.streaming = getattr(self.dataset, "streaming", False)  # shards: read as streams, not indexed
         if self.streaming:
+            check_cached(self.dataset, self.autoencoder, cfg.text_encoder, cfg.resolution)
             self.batches = StreamBatches(self.dataset, self.autoencoder, self.device, self.ctx, self.micro,
                                          cfg.workers)
         else:
@@ -260,8 +261,11 @@ class Trainer:
         wanted = cfg.release_encoders
         if wanted is None:
             wanted = sum(p.numel() for p in text.encoder.encoder.parameters()) > 100e6
-        finite = self.finite and all(c in text.table for c in all_captions(self.dataset))
-        if not wanted or not finite or (self.batches.cache is None and not is_identity(self.autoencoder)):
+        # precomputed shards with text features (rectflow cache) need neither encoder either
+        cached = self.streaming and (self.dataset.cached or {}).get("text_encoder") is not None
+        captions_ready = cached or (self.finite and all(c in text.table for c in all_captions(self.dataset)))
+        latents_ready = cached or self.batches.cache is not None or is_identity(self.autoencoder)
+        if not (wanted and captions_ready and latents_ready):
             return
         if self.evaluates:
             text.prepare(self.prompts + [""] + ([cfg.class_prompt] if cfg.class_prompt else []))
@@ -381,10 +385,10 @@ class Trainer:
             lo = (a * world + self.ctx.rank) * self.micro
             sl = slice(lo, lo + self.micro)
             t_data = time.perf_counter()
-            x0, captions, eps, ids = self._micro_inputs(step, sl, indices, eps_all)
+            x0, captions, eps, ids, features = self._micro_inputs(step, sl, indices, eps_all)
             data_wait += time.perf_counter() - t_data
             seen.append((lo, ids))
-            context, pooled = self._conditioning(captions, step, range(lo, lo + self.micro))
+            context, pooled = self._conditioning(captions, step, range(lo, lo + self.micro), features)
             last = a == cfg.grad_accum - 1
             if self.fsdp:  # FSDP2 reduces gradients on the last micro-step only
                 self.model.set_requires_gradient_sync(last)
@@ -436,10 +440,10 @@ class Trainer:
         stream's next micro-batch (its noise seeded by its slot)."""
         if not self.streaming:
             x0, captions = self.batches.load(indices[sl])
-            return x0, captions, eps_all[sl], indices[sl]
-        x0, captions, keys = self.batches.next()
+            return x0, captions, eps_all[sl], indices[sl], None
+        x0, captions, keys, features = self.batches.next()
         g = torch.Generator(self.device).manual_seed(seed_for(self.cfg.seed, step, "eps", sl.start))
-        return x0, captions, torch.randn(x0.shape, generator=g, device=self.device), keys
+        return x0, captions, torch.randn(x0.shape, generator=g, device=self.device), keys, features
 
     def _data_metrics(self, seen: list) -> dict:
         """The step's sample ids in global batch order (log_samples) and the damaged samples and shards streams
@@ -454,9 +458,11 @@ class Trainer:
             out.update(data_bad_samples=int(samples), data_bad_shards=int(shards))
         return out
 
-    def _conditioning(self, captions: list[str], step: int, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached text features with per-encoder dropout; each sample's dropout draw is seeded by its batch slot."""
-        context, pooled = self.text.encode(captions)
+    def _conditioning(self, captions: list[str], step: int, positions, features: tuple | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached text features (or the given precomputed ones) with per-encoder dropout; each sample's dropout draw
+        is seeded by its batch slot."""
+        context, pooled = self.text.encode(captions) if features is None else features
         if self.text_drop > 0:
             pairs = [self.text.drop(context[i:i + 1], pooled[i:i + 1], self.text_drop,
                                     generator=generator_for(self.cfg.seed, step, "text-drop", pos))

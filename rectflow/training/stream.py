@@ -13,6 +13,7 @@ import torch
 
 from rectflow.data.shards import Position, ShardSet
 from rectflow.training import distributed
+from rectflow.training.cache import autoencoder_identity
 from rectflow.training.data import is_identity
 
 
@@ -34,8 +35,12 @@ class MicroBatches(torch.utils.data.IterableDataset):
         items = iter(stream)
         while True:
             batch = [next(items) for _ in range(self.micro)]
-            yield (torch.stack([it["image"] for it in batch]), [it["caption"] for it in batch],
-                   [it["meta"]["key"] for it in batch], index, stream.position.to_dict())
+            x = torch.stack([it["latent"] if "latent" in it else it["image"] for it in batch])
+            features = None
+            if all("context" in it for it in batch):  # precomputed text features (rectflow cache)
+                features = (torch.stack([it["context"] for it in batch]), torch.stack([it["pooled"] for it in batch]))
+            yield (x, [it["caption"] for it in batch], [it["meta"]["key"] for it in batch], features, index,
+                   stream.position.to_dict())
 
 
 class StreamBatches:
@@ -75,15 +80,16 @@ class StreamBatches:
         else:
             self.loader = iter(data)
 
-    def next(self) -> tuple[torch.Tensor, list[str], list[str]]:
-        """This rank's next micro-batch: x0 (latents, or pixels) on the device, captions, sample keys."""
-        images, captions, keys, index, position = next(self.loader)
+    def next(self) -> tuple[torch.Tensor, list[str], list[str], tuple | None]:
+        """This rank's next micro-batch: x0 (latents, or pixels) on the device, captions, sample keys, and the
+        precomputed (context, pooled) text features of cached shards (else None)."""
+        x, captions, keys, features, index, position = next(self.loader)
         self.local[index] = position
-        images = images.to(self.device)
-        if is_identity(self.ae):
-            return images, captions, keys
+        x = x.to(self.device)
+        if self.shards.cached is not None or is_identity(self.ae):  # cached shards hold latents already
+            return x, captions, keys, features
         with torch.no_grad():
-            return self.ae.encode(images).float(), captions, keys
+            return self.ae.encode(x).float(), captions, keys, features
 
     def bad_counts(self) -> tuple[int, int]:
         """(damaged samples, damaged shards) skipped so far by this rank's streams."""
@@ -95,3 +101,17 @@ class StreamBatches:
         for part in distributed.all_gather_objects(self.local, self.ctx):
             streams.update({str(k): v for k, v in part.items()})
         return {"layout": self.layout, "streams": streams}
+
+
+def check_cached(shards: ShardSet, autoencoder, text_encoder: str, resolution: int) -> None:
+    """Precomputed shards (rectflow cache) must have been encoded with this run's autoencoder, resolution and (when
+    they hold text features) text encoder: a ValueError naming the difference otherwise."""
+    info = shards.cached
+    if info is None:
+        return
+    mine = {"autoencoder": autoencoder_identity(autoencoder)["spec"], "resolution": resolution,
+            "text_encoder": text_encoder}
+    for key, value in mine.items():
+        if info.get(key) is not None and info[key] != value:
+            raise ValueError(f"{shards.spec}: its samples were precomputed with {key} {info[key]!r}, this run has "
+                             f"{value!r}; set {key} to it (or run rectflow cache again)")
