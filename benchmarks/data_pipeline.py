@@ -51,7 +51,7 @@ def make_images(folder: Path, n: int) -> None:
 def time_loader(next_batch, batches: int) -> tuple[float, float]:
     """(seconds to the first batch, images/s over the rest)."""
     t0 = time.perf_counter()
-    images = next_batch()
+    next_batch()
     first = time.perf_counter() - t0
     count, t1 = 0, time.perf_counter()
     for _ in range(batches - 1):

@@ -206,8 +206,8 @@ def test_rectflow_cache_precomputes_latents_and_text_that_training_streams(tmp_p
     want = ae.encode(item["image"][None]).float()[0]
     torch.testing.assert_close(torch.from_numpy(latent).float(), want, rtol=2e-3, atol=2e-3)  # float16 storage
     context = np.load(io.BytesIO(first["context.npy"]))
-    torch.testing.assert_close(torch.from_numpy(context).float(),
-                               load_text_encoder("minilm").encode([item["caption"]])[0][0].float(), rtol=2e-3, atol=2e-3)
+    want = load_text_encoder("minilm").encode([item["caption"]])[0][0].float()
+    torch.testing.assert_close(torch.from_numpy(context).float(), want, rtol=2e-3, atol=2e-3)
     cfg = tiny(data=str(out), autoencoder=ae_spec, text_encoder="minilm", max_steps=4, release_encoders=True,
                patch_size=2, val_every=4, val_size=4, data_options={})
     trainer = Trainer(cfg, tmp_path / "run")
