@@ -74,14 +74,16 @@ def parse_worker(text: str) -> tuple[int, int]:
 
 
 def select(runs: list[Run], variants: list[str] | None) -> list[Run]:
-    """The runs named in --variants (all when None), in the study's order; unknown names are an error."""
+    """The runs named in --variants (all when None), in the study's order; a name also picks the runs of that
+    variant in studies with several seeds of each (spec "variant"); unknown names are an error."""
     if not variants:
         return runs
     names = [r.name for r in runs]
-    unknown = [v for v in variants if v not in names]
+    groups = {r.spec.get("variant") for r in runs if isinstance(r.spec, dict)} - {None}
+    unknown = [v for v in variants if v not in names and v not in groups]
     if unknown:
         raise ValueError(f"--variants: unknown run(s) {unknown}; this study's runs are {names}")
-    wanted = set(variants)
+    wanted = set(variants) | {r.name for r in runs if isinstance(r.spec, dict) and r.spec.get("variant") in variants}
     return [r for r in runs if r.name in wanted or any(r.name in n.needs for n in runs if n.name in wanted)]
 
 

@@ -118,6 +118,21 @@ class TrainConfig:
     ema_every: int = _f(1, "update the EMA every N optimizer steps (the paper: every 100)")
     ema_warmup: bool = _f(True, "use decay min(ema_decay, (1 + k) / (10 + k)) at the k-th EMA update, so the EMA of a "
                                 "short run is not dominated by the initial weights; off for the paper's setting")
+    ema_power: float | None = _f(None, "power-function EMA (EDM2): decay (1 - 1/k)^(gamma + 1) at the k-th update, "
+                                       "an average over a fixed share of training however long it runs (6.94: "
+                                       "relative width 0.10, 16.97: 0.05); null: the exponential ema_decay")
+    optimizer: str = _f("adamw", "adamw, or muon: Muon (orthogonalised momentum, torch.optim.Muon with AdamW-matched "
+                                 "update RMS) for the transformer blocks' matrices, AdamW for the rest",
+                        ("adamw", "muon"))
+    contrastive: float = _f(0.0, "contrastive flow matching weight lambda: each sample's loss minus lambda x its "
+                                 "error against the target of a batch sample with another caption; 0: off")
+    registers: int = _f(0, "learned register tokens appended to the text tokens of the joint attention (a rectflow "
+                           "model option: no released layout has them); 0: none")
+    route_fraction: float = _f(0.0, "token routing (TREAD): this share of each image's tokens, drawn per sample and "
+                                    "step, skips blocks route_start..route_end-1 in training; 0: off")
+    route_start: int = _f(1, "token routing: the first block the routed tokens skip")
+    route_end: int = _f(-1, "token routing: the block where they rejoin (negative: counted from the end; -1 is the "
+                            "last block, which always sees every token)")
     max_bad_steps: int = _f(20, "abort after this many non-finite losses (or gradient norms) in a row; each one "
                                 "skips its step", resume=True)
     seed: int = _f(0, "seed of the model init, the data order and all training noise")
@@ -181,7 +196,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r}: expected a positive integer, got {getattr(self, name)!r}")
         for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "val_every", "workers",
-                     "profile_steps", "fsdp_shard_size", "grad_clip", "min_lr", "weight_decay", "shift"]:
+                     "profile_steps", "fsdp_shard_size", "registers", "grad_clip", "min_lr", "weight_decay", "shift"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
@@ -206,6 +221,18 @@ class TrainConfig:
         if self.class_images < 1 or self.prior_weight < 0:
             raise ValueError(f"config keys 'class_images' / 'prior_weight': expected >= 1 / >= 0, got "
                              f"{self.class_images!r} / {self.prior_weight!r}")
+        if self.ema_power is not None and self.ema_power <= 0:
+            raise ValueError(f"config key 'ema_power': expected a value > 0 or null, got {self.ema_power!r}")
+        if not 0.0 <= self.contrastive < 1.0:
+            raise ValueError(f"config key 'contrastive': expected a weight in [0, 1), got {self.contrastive!r}")
+        if not 0.0 <= self.route_fraction < 1.0:
+            raise ValueError(f"config key 'route_fraction': expected a share in [0, 1), got {self.route_fraction!r}")
+        if self.arch != "mmdit" and (self.registers or self.route_fraction):
+            raise ValueError(f"config keys 'registers' / 'route_fraction': MM-DiT options; arch {self.arch!r} has "
+                             f"neither")
+        if self.optimizer == "muon" and self.parallel != "ddp":
+            raise ValueError(f"config key 'optimizer': muon is not available with parallel {self.parallel} (its "
+                             f"orthogonalisation needs whole matrices); use adamw")
         if self.checkpoint_format == "sharded" and self.lora:
             raise ValueError("config key 'checkpoint_format': a LoRA run's checkpoints are its small adapter files; "
                              "use full")

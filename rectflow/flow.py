@@ -213,8 +213,20 @@ class Formulation:
         err = net_out.to(dtype) - self.target(x0, eps, t).to(dtype)
         return self.loss_scale * err.pow(2).flatten(1).mean(1)
 
-    def training_loss(self, model_fn, x0, t=None, eps=None, generator=None, shift=1.0):
-        """Draw t and eps where not given, noise x0, run model_fn(z_in, t_in) and return the per-sample loss."""
+    def contrastive_loss(self, net_out, x0, eps, t, negatives: torch.Tensor, weight: float):
+        """Contrastive flow matching (docs/training.md "Learning speed"): the loss minus weight x the same error measured
+        against the target of sample negatives[i] (its data and noise, at sample i's t), which pushes each
+        prediction away from other captions' flows. A sample that is its own negative keeps the plain loss."""
+        loss = self.loss(net_out, x0, eps, t)
+        dtype = torch.promote_types(net_out.dtype, torch.float32)
+        away = net_out.to(dtype) - self.target(x0[negatives], eps[negatives], t).to(dtype)
+        other = negatives != torch.arange(len(negatives), device=negatives.device)
+        return loss - weight * other.to(dtype) * self.loss_scale * away.pow(2).flatten(1).mean(1)
+
+    def training_loss(self, model_fn, x0, t=None, eps=None, generator=None, shift=1.0, negatives=None,
+                      contrastive: float = 0.0):
+        """Draw t and eps where not given, noise x0, run model_fn(z_in, t_in) and return the per-sample loss
+        (contrastive_loss with negatives and a weight)."""
         if t is None:
             dtype = torch.promote_types(x0.dtype, torch.float32)
             t = self.sample_t(x0.shape[0], generator=generator, device=x0.device, shift=shift, dtype=dtype)
@@ -226,6 +238,8 @@ class Formulation:
         t = _time(t).to(x0.device)
         z = _expand(self.a(t), x0) * x0 + _expand(self.b(t), x0) * eps
         net_out = model_fn(*self.network_input(z, t))
+        if contrastive and negatives is not None:
+            return self.contrastive_loss(net_out, x0, eps, t, negatives.to(x0.device), contrastive)
         return self.loss(net_out, x0, eps, t)
 
     # -- sampling

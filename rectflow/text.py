@@ -342,16 +342,35 @@ class CachedTextEncoder(TextEncoder):
         return context, pooled
 
 
+def minilm_options(spec: str, rest: str) -> tuple[str | None, int]:
+    """'minilm[:DIR][,length=N]' -> (DIR or None, max_length): a shorter length for short captions saves the
+    context stream's compute (the built-in data's captions fit in 16 tokens)."""
+    path, length = None, 32
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if eq and key == "length":
+            if not value.isdigit() or int(value) < 2:
+                raise ValueError(f"text encoder spec {spec!r}: length must be an integer >= 2, got {value!r}")
+            length = int(value)
+        elif eq:
+            raise ValueError(f"text encoder spec {spec!r}: unknown option {key!r}; expected length=N")
+        else:
+            path = part
+    return path, length
+
+
 def load_text_encoder(spec: str, dtype: torch.dtype | None = None, t5_length: int | None = None,
                       without: tuple[str, ...] = (), dims: dict | None = None) -> TextEncoder:
-    """'minilm', 'minilm:DIR', 'sd3:DIR' (a diffusers SD3 pipeline folder) or
+    """'minilm', 'minilm:DIR', 'minilm:length=N' (or 'minilm:DIR,length=N'), 'sd3:DIR' (a diffusers SD3 pipeline
+    folder) or
     'sd3:clip_l=DIR,clip_g=DIR,t5=DIR[,t5_length=N]' (any subset of the encoders). For SD3: t5_length overrides the
     spec's; `without` names encoders not to load (zeros in their place, widths from dims: --no-t5)."""
     kind, _, rest = spec.partition(":")
     if kind == "minilm":
         if without:
             raise ValueError(f"text encoder {spec!r} has no {', '.join(without)} to leave out (only SD3's has T5)")
-        return MiniLMEncoder(rest or None, dtype=dtype)
+        path, length = minilm_options(spec, rest)
+        return MiniLMEncoder(path, max_length=length, dtype=dtype)
     extra = {**({"t5_length": t5_length} if t5_length else {}), **({"dims": dims} if dims else {})}
     if kind == "sd3" and rest and "=" not in rest:
         return SD3TextEncoders.from_pipeline_folder(rest, dtype=dtype, without=without, **extra)

@@ -42,6 +42,7 @@ MATMUL_ATTENTION_MAX = 1 << 19
 CONFIG_KEYS = (
     "depth", "hidden_size", "num_heads", "patch_size", "in_channels", "out_channels", "context_dim", "pooled_dim",
     "input_size", "qk_norm", "dual_attention_layers", "pos_embed_max_size", "pos_embed_base_size", "mlp_ratio",
+    "registers",
 )
 
 
@@ -208,7 +209,7 @@ class MMDiT(nn.Module):
                  out_channels: int | None = None, context_dim: int = 4096, pooled_dim: int = 2048,
                  input_size: int = 32, qk_norm: str | None = None, dual_attention_layers=(),
                  pos_embed_max_size: int | None = None, pos_embed_base_size: int | None = None,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0, registers: int = 0):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         pos_embed_base_size = input_size if pos_embed_base_size is None else pos_embed_base_size
@@ -220,7 +221,7 @@ class MMDiT(nn.Module):
             in_channels=in_channels, out_channels=out_channels, context_dim=context_dim, pooled_dim=pooled_dim,
             input_size=input_size, qk_norm=qk_norm, dual_attention_layers=dual_attention_layers,
             pos_embed_max_size=pos_embed_max_size, pos_embed_base_size=pos_embed_base_size,
-            mlp_ratio=float(mlp_ratio))
+            mlp_ratio=float(mlp_ratio), **({"registers": int(registers)} if registers else {}))
         self.patch_size = patch_size
         self.out_channels = out_channels
         self.gradient_checkpointing = False
@@ -229,6 +230,8 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = VectorEmbedder(pooled_dim, hidden_size)
         self.context_embedder = nn.Linear(context_dim, hidden_size)
+        # register tokens (docs/training.md "Learning speed"): not in the released layouts, so only when asked for
+        self.registers = nn.Parameter(torch.randn(1, registers, hidden_size) * 0.02) if registers else None
         self.joint_blocks = nn.ModuleList(
             JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1,
                        dual_attention=i in dual_attention_layers)
@@ -350,13 +353,25 @@ class MMDiT(nn.Module):
     # ----- forward ------------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
-                skip_layers=()) -> torch.Tensor:
+                skip_layers=(), route=None) -> torch.Tensor:
         """Predict the model output for latents x at times t in [0, 1] (t = 0 data, t = 1 noise); the joint blocks
-        in skip_layers are left out (both streams pass them unchanged: skip-layer guidance, rectflow.sampling)."""
+        in skip_layers are left out (both streams pass them unchanged: skip-layer guidance, rectflow.sampling).
+
+        route: (start, end, keep [B, K]) token routing in training (TREAD, docs/training.md "Learning speed"): only
+        the image tokens `keep` of each sample go through blocks start..end-1; the others skip them unchanged and
+        rejoin before block `end` (positions were added at the embedding, so nothing else changes)."""
         tokens, c_act, h, w, dtype = embed_inputs(self, x, t, y)
         ctx = self.context_embedder(context.to(dtype))
+        if self.registers is not None:  # learned tokens beside the text: scratch space for the joint attention
+            ctx = torch.cat([ctx, self.registers.to(ctx.dtype).expand(ctx.shape[0], -1, -1)], dim=1)
         skip = set(skip_layers or ())
+        start, end, keep = route if route is not None else (-1, -1, None)
         for i, block in enumerate(self.joint_blocks):
+            if i == start:
+                index = keep.to(tokens.device)[..., None].expand(-1, -1, tokens.shape[-1])
+                full, tokens = tokens, tokens.gather(1, index)
+            if i == end:
+                tokens = full.scatter(1, index, tokens)
             if i in skip:
                 continue
             every = int(self.gradient_checkpointing)  # True: every block; k: blocks 0, k, 2k, ...

@@ -10,4 +10,5 @@ STUDIES = {
     "channels": "rectflow.studies.channels",            # docs/paper.md §4, autoencoder channels
     "shift": "rectflow.studies.shift",                  # docs/paper.md §5, resolution-dependent shift
     "steps": "rectflow.studies.steps",                  # docs/paper.md §6, Table 6
+    "speedups": "rectflow.studies.speedups",            # docs/training.md "Learning speed"
 }

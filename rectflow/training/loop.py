@@ -47,7 +47,8 @@ from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions
                                     frozen_text_encoder, is_identity)
 from rectflow.training.finetune import (LoRATraining, attach_lora, check_fits, init_shapes, init_weights_path,
                                         load_init)
-from rectflow.training.model import build_model, compute_loss, context_splits
+from rectflow.training.model import (build_model, compute_loss, context_splits, negative_indices, route_blocks,
+                                     route_indices)
 from rectflow.training.parallel import (OPTIMIZER_FORMAT, all_finite, device_mesh, full_model_state,
                                         full_optimizer_state, load_full_optimizer_state, load_full_state, reshard,
                                         shard)
@@ -146,6 +147,8 @@ class Trainer:
         self._release_encoders()
         torch.manual_seed(cfg.seed)
         self._build_model(side)
+        if cfg.route_fraction:
+            route_blocks(cfg, len(self.model.joint_blocks))  # checked before any step
         self.prior = None
         if cfg.class_prompt is not None:  # drawn by the model as loaded: the base (a resume loads its weights later)
             self.prior = PriorPreservation(cfg, init_path, self.latent_shape, self.cache_dir)
@@ -154,7 +157,7 @@ class Trainer:
             self.model.train()
         self._parallelize()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.trainable, cfg)
+        self.opt = make_optimizer(self.trainable, cfg, self.model)
         self.sharded = ShardedCheckpoints(self.run_dir, cfg, self.ctx) if cfg.checkpoint_format == "sharded" else None
         self._flops = self._train_flops_per_image()
         self._peak = peak_flops(self.device)
@@ -397,7 +400,8 @@ class Trainer:
                 sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
             with sync:
                 per_sample = compute_loss(self.net, self.formulation, x0, context, pooled,
-                                          t_all[sl].to(self.device), eps, cfg.bf16)
+                                          t_all[sl].to(self.device), eps, cfg.bf16, **self._speedups(step, lo, x0,
+                                                                                                     captions))
                 total = per_sample.sum()
                 if prior is not None:  # the class images of this slice, their dropout seeded past the instances'
                     c_ctx, c_pooled = self._conditioning([cfg.class_prompt] * self.micro, step,
@@ -418,7 +422,7 @@ class Trainer:
             self.opt.step()
             self.bad_streak = 0
             if (step + 1) % cfg.ema_every == 0:
-                decay = ema_decay_at((step + 1) // cfg.ema_every - 1, cfg.ema_decay, cfg.ema_warmup)
+                decay = ema_decay_at((step + 1) // cfg.ema_every - 1, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power)
                 if self.lora is not None:
                     self.lora.ema_update(decay)
                 else:
@@ -434,6 +438,20 @@ class Trainer:
         return {"step": self.step, "loss": loss if ok else None, "lr": lr, **extra,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 **({} if ok else {"nonfinite": True, "bad_loss": repr(loss), "bad_grad_norm": repr(grad_norm)})}
+
+    def _speedups(self, step: int, lo: int, x0: torch.Tensor, captions: list[str]) -> dict:
+        """compute_loss options of the learning-speed settings (docs/training.md "Learning speed"): contrastive flow
+        matching's negatives and token routing's kept tokens, seeded by (step, slot) for exact resume."""
+        cfg, out = self.cfg, {}
+        if cfg.contrastive:
+            out.update(negatives=negative_indices(captions), contrastive=cfg.contrastive)
+        if cfg.route_fraction:
+            start, end = route_blocks(cfg, len(self.model.joint_blocks))
+            p = self.model.patch_size
+            n_tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
+            keep = route_indices(n_tokens, cfg.route_fraction, x0.shape[0], generator_for(cfg.seed, step, "route", lo))
+            out["route"] = (start, end, keep)
+        return out
 
     def _micro_inputs(self, step: int, sl: slice, indices, eps_all):
         """x0, captions, noise and sample ids of one micro-batch slice of the global batch: by index, or this rank's

@@ -20,7 +20,7 @@ def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_di
     context_splits: token counts of the context's parts (SD3: [CLIP, T5]), the streams of mmdit3's extra weight set;
     None splits the context into halves (rectflow.models.baselines.MMDiT3).
     """
-    kw = {}
+    kw = {"registers": cfg.registers} if cfg.registers else {}
     if cfg.hidden is not None:
         kw["hidden_size"] = cfg.hidden
     if cfg.heads is not None:
@@ -59,11 +59,41 @@ def context_splits(text) -> list[int] | None:
     return [stop - start for start, stop in spans]
 
 
-def compute_loss(model, formulation, x0, context, pooled, t, eps, bf16: bool) -> torch.Tensor:
-    """Per-sample loss of the formulation; the network runs under bf16 autocast, the loss maths in float32."""
+def compute_loss(model, formulation, x0, context, pooled, t, eps, bf16: bool, negatives=None, contrastive=0.0,
+                 **model_kw) -> torch.Tensor:
+    """Per-sample loss of the formulation (contrastive with negatives and a weight); the network runs under bf16
+    autocast, the loss maths in float32. model_kw go to the network (route: token routing)."""
     def model_fn(z_in, t_in):
         with torch.autocast(z_in.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(z_in, t_in, context, pooled)
+            out = model(z_in, t_in, context, pooled, **model_kw)
         return out.float()
-    return formulation.training_loss(model_fn, x0, t=t, eps=eps)
+    return formulation.training_loss(model_fn, x0, t=t, eps=eps, negatives=negatives, contrastive=contrastive)
 
+
+def negative_indices(captions: list[str]) -> torch.Tensor:
+    """For each sample the next one in the batch (cyclically) with a different caption, or itself when all share
+    one: contrastive flow matching's negatives, a pure function of the batch."""
+    n = len(captions)
+    out = []
+    for i, caption in enumerate(captions):
+        out.append(next(((i + k) % n for k in range(1, n) if captions[(i + k) % n] != caption), i))
+    return torch.tensor(out)
+
+
+def route_indices(n_tokens: int, fraction: float, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Token routing: per sample, the sorted indices [B, K] of the tokens that go through the routed blocks (the
+    other `fraction` of them skip), drawn from the generator."""
+    keep = max(1, round(n_tokens * (1.0 - fraction)))
+    order = torch.rand(batch, n_tokens, generator=generator).argsort(dim=1)
+    return order[:, :keep].sort(dim=1).values
+
+
+
+def route_blocks(cfg: TrainConfig, depth: int) -> tuple[int, int]:
+    """Token routing's (first routed block, block where the tokens rejoin) of a config for a model of `depth`
+    blocks: 0 <= start < end <= depth - 1 (the last block and the output layer see every token)."""
+    end = cfg.route_end % depth if cfg.route_end < 0 else cfg.route_end
+    if not 0 <= cfg.route_start < end <= depth - 1:
+        raise ValueError(f"config keys 'route_start' / 'route_end': {cfg.route_start} / {cfg.route_end} do not give "
+                         f"0 <= start < end <= {depth - 1} for this {depth}-block model")
+    return cfg.route_start, end

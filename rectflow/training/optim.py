@@ -1,5 +1,6 @@
-"""The optimizer and its schedules: AdamW (fused where PyTorch has it), linear warm-up with an optional cosine decay,
-and the exponential moving average of the weights.
+"""The optimizer and its schedules: AdamW (fused where PyTorch has it) or Muon for the blocks' matrices, linear
+warm-up with an optional cosine decay, and the moving average of the weights (exponential, or EDM2's power-function
+profile).
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import torch
 
 from rectflow.config import TrainConfig
+from rectflow.models.layers import BLOCK_LISTS
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -21,7 +23,55 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
+class Optimizers:
+    """Several optimizers stepped as one (Muon for matrices, AdamW for the rest): the Optimizer methods the trainer
+    uses, param_groups being the inner groups themselves (setting their lr sets the inner ones')."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+        self.param_groups = [g for opt in optimizers.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state holds {sorted(state)}, this run's optimizer has "
+                             f"{sorted(self.optimizers)} (was the optimizer changed?)")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def muon_split(model: torch.nn.Module, params) -> tuple[list, list]:
+    """(matrices for Muon, the rest for AdamW) of the trainable params: the 2-D weights inside the transformer
+    blocks; embedders, the final layer, biases and norms stay with AdamW, as Muon's authors use it."""
+    wanted = {id(p) for p in params}
+    blocks = {id(p) for name, p in model.named_parameters()
+              if p.ndim == 2 and name.split(".")[0] in BLOCK_LISTS}
+    ordered = [p for p in model.parameters() if id(p) in wanted]
+    return [p for p in ordered if id(p) in blocks], [p for p in ordered if id(p) not in blocks]
+
+
+def make_optimizer(params, cfg: TrainConfig, model: torch.nn.Module | None = None):
+    """The config's optimizer over `params` (a model's parameters, or a list: the trainable ones); muon needs the
+    model (which of its parameters are block matrices)."""
+    if cfg.optimizer == "muon":
+        matrices, rest = muon_split(model, list(params.parameters() if isinstance(params, torch.nn.Module)
+                                                else params))
+        muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+        return Optimizers(muon=muon, adamw=make_adamw(rest, cfg))
+    return make_adamw(params, cfg)
+
+
+def make_adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW of the config over `params` (a model's parameters, or a list: the trainable ones): the fused kernel (all
     tensors in one pass) where PyTorch has it for the parameters (float32 on CPU or CUDA), else PyTorch's default
     implementation.
@@ -39,8 +89,12 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 
-def ema_decay_at(update: int, decay: float, warmup: bool) -> float:
-    """Decay of the `update`-th EMA update (0-based); with warm-up min(decay, (1 + k) / (10 + k))."""
+def ema_decay_at(update: int, decay: float, warmup: bool, power: float | None = None) -> float:
+    """Decay of the `update`-th EMA update (0-based); with warm-up min(decay, (1 + k) / (10 + k)). power: EDM2's
+    power-function EMA, (1 - 1 / (k + 1))^(power + 1), the average of the weights along training with density
+    ~ t^power (the first update copies the weights)."""
+    if power is not None:
+        return (1.0 - 1.0 / (update + 1)) ** (power + 1)
     return min(decay, (1 + update) / (10 + update)) if warmup else decay
 
 

@@ -1,0 +1,137 @@
+"""The learning-speed options (docs/training.md "Learning speed"): contrastive flow matching, Muon, the power-function
+EMA, token routing, register tokens and a shorter text length; each computes what it says and resumes exactly."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from rectflow.flow import Formulation
+from rectflow.models import MMDiT
+from rectflow.train import train
+from rectflow.training.model import negative_indices, route_indices
+from rectflow.training.optim import Optimizers, ema_decay_at, make_optimizer
+from tests.test_train import losses, tiny
+
+
+def test_contrastive_loss_by_hand():
+    """loss_i - lambda ||v_i - (eps_j - x0_j)||^2 for the negative j of i (rf's velocity target); a sample that is
+    its own negative keeps its plain loss."""
+    f = Formulation.from_name("rf")
+    g = torch.Generator().manual_seed(0)
+    x0, eps, out = (torch.randn(3, 2, 2, 2, generator=g) for _ in range(3))
+    t = torch.tensor([0.2, 0.5, 0.9])
+    neg = torch.tensor([2, 2, 2])
+    got = f.contrastive_loss(out, x0, eps, t, neg, 0.05)
+    plain = (out - (eps - x0)).pow(2).flatten(1).mean(1)
+    away = (out - (eps[neg] - x0[neg])).pow(2).flatten(1).mean(1)
+    want = plain - 0.05 * away * torch.tensor([1.0, 1.0, 0.0])
+    torch.testing.assert_close(got, want * f.loss_scale)
+    assert negative_indices(["a", "a", "b"]).tolist() == [2, 2, 0]
+    assert negative_indices(["a", "a"]).tolist() == [0, 1]
+
+
+def test_power_ema_is_the_power_weighted_average():
+    """EDM2's power-function EMA: after n updates the EMA is sum_k w_k theta_k with w_k ~ k^gamma."""
+    gamma, n = 3.0, 50
+    thetas = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    ema = torch.tensor(0.0)
+    for k in range(n):
+        ema = ema_decay_at(k, 0.999, True, gamma) * ema + (1 - ema_decay_at(k, 0.999, True, gamma)) * thetas[k]
+    # the exact profile of the recursion: w_k = prod_{j>k} beta_j (1 - beta_k), ~ (k/n)^gamma for large k
+    betas = torch.tensor([ema_decay_at(k, 0.999, True, gamma) for k in range(n)], dtype=torch.float64)
+    w = torch.tensor([(1 - betas[k]) * betas[k + 1:].prod() for k in range(n)])
+    torch.testing.assert_close(ema.double(), (w * thetas.double()).sum(), rtol=1e-5, atol=1e-6)
+    assert ema_decay_at(0, 0.999, True, gamma) == 0.0  # the first update copies the weights
+    ratio = w[n - 1] / w[n // 2 - 1]
+    assert 0.8 * 2 ** gamma < ratio < 1.25 * 2 ** gamma
+
+
+def test_muon_takes_the_block_matrices_and_resumes_exactly(tmp_path):
+    model = MMDiT.from_depth(2, patch_size=4, in_channels=3, context_dim=384, pooled_dim=384, input_size=16)
+    cfg = tiny(optimizer="muon")
+    opt = make_optimizer(list(model.parameters()), cfg, model)
+    assert isinstance(opt, Optimizers) and set(opt.optimizers) == {"muon", "adamw"}
+    muon = {id(p) for g in opt.optimizers["muon"].param_groups for p in g["params"]}
+    names = [n for n, p in model.named_parameters() if id(p) in muon]
+    assert names and all(n.startswith("joint_blocks.") and n.endswith("weight") for n in names)
+    assert "x_embedder.proj.weight" not in names and len(names) + len(opt.optimizers["adamw"].param_groups[0][
+        "params"]) == len(list(model.parameters()))
+    cfg = tiny(optimizer="muon", max_steps=6, checkpoint_every=3, warmup_steps=0, lr=1e-2, lr_schedule="constant")
+    train(cfg, tmp_path / "ref")
+    train(dataclasses.replace(cfg, max_steps=3), tmp_path / "cut")
+    train(cfg, tmp_path / "cut", resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
+    train(dataclasses.replace(cfg, optimizer="adamw"), tmp_path / "adamw")
+    assert losses(tmp_path / "adamw")[1:] != losses(tmp_path / "ref")[1:]
+
+
+def _random_model(**kw) -> MMDiT:
+    torch.manual_seed(0)
+    model = MMDiT.from_depth(4, patch_size=2, in_channels=3, context_dim=32, pooled_dim=16, input_size=8, **kw)
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero gates, so every block acts
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_token_routing_passes_skipped_tokens_unchanged():
+    """Keeping every token is the plain forward; keeping some changes the output, and the routed-out tokens'
+    states enter the rejoining block exactly as they left the block before the routed ones."""
+    model = _random_model().eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, c, y = torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, generator=g), \
+        torch.randn(2, 5, 32, generator=g), torch.randn(2, 16, generator=g)
+    every = torch.arange(16).expand(2, 16)
+    torch.testing.assert_close(model(x, t, c, y, route=(1, 3, every)), model(x, t, c, y))
+    keep = route_indices(16, 0.5, 2, torch.Generator().manual_seed(2))
+    assert keep.shape == (2, 8) and (keep.diff(dim=1) > 0).all()
+    seen = {}
+
+    def record(name, output=False):
+        def hook(module, args, out=None):
+            seen[name] = (out if output else args)[1].clone()
+        return hook
+    model.joint_blocks[0].register_forward_hook(record("out0", output=True))
+    model.joint_blocks[1].register_forward_pre_hook(record("in1"))
+    model.joint_blocks[3].register_forward_pre_hook(record("in3"))
+    routed = model(x, t, c, y, route=(1, 3, keep))
+    assert not torch.allclose(routed, model(x, t, c, y, route=(1, 3, every)))
+    model(x, t, c, y, route=(1, 3, keep))
+    assert seen["in1"].shape[1] == 8 and seen["in3"].shape[1] == 16
+    for b in range(2):
+        dropped = sorted(set(range(16)) - set(keep[b].tolist()))
+        torch.testing.assert_close(seen["in3"][b, dropped], seen["out0"][b, dropped])
+        torch.testing.assert_close(seen["in1"][b], seen["out0"][b, keep[b]])
+
+
+def test_routing_registers_and_short_text_train_and_resume(tmp_path):
+    """Routing (half the tokens skip blocks 1-2), 4 register tokens and 16 text tokens in one run: resumed from its
+    middle checkpoint it logs the uninterrupted losses; the registers are saved with the model, which samples."""
+    from rectflow.checkpoints import load_model
+    from rectflow.cli import main
+    cfg = tiny(depth=4, route_fraction=0.5, route_start=1, route_end=3, registers=4, max_steps=6,
+               checkpoint_every=3, warmup_steps=0, text_encoder="minilm:length=16", contrastive=0.05,
+               ema_power=6.94, lr_schedule="constant")
+    train(cfg, tmp_path / "ref")
+    train(dataclasses.replace(cfg, max_steps=3), tmp_path / "cut")
+    train(cfg, tmp_path / "cut", resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
+    from rectflow.runs import find_checkpoint
+    model = load_model(find_checkpoint(tmp_path / "ref") / "ema.safetensors")
+    assert model.config["registers"] == 4 and model.registers.shape == (1, 4, 64)
+    assert main(["sample", "--run", str(tmp_path / "ref"), "--prompt", "a red circle", "--steps", "2",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "d"), "--to", "diffusers"]) == 2
+    with pytest.raises(ValueError, match="route_start"):
+        train(dataclasses.replace(cfg, route_start=3, route_end=3), tmp_path / "bad")
+
+
+def test_short_text_spec():
+    from rectflow.text import load_text_encoder
+    enc = load_text_encoder("minilm:length=16")
+    context, _ = enc.encode(["a red circle to the left of a blue square"])
+    assert enc.seq_len == 16 and context.shape == (1, 16, 384)
+    with pytest.raises(ValueError, match="length must be"):
+        load_text_encoder("minilm:length=1")
