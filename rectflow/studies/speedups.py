@@ -49,7 +49,8 @@ def demo_recipe() -> dict:
 
 
 def eval_opts(opts: StudyOptions) -> StudyOptions:
-    """The options with the study's evaluation size unless --samples says otherwise."""
+    """The options with the study's evaluation size unless --samples says otherwise (for the evaluation only: the
+    study folder, which holds the probe, stays the one of the given options)."""
     return opts if opts.samples is not None else dataclasses.replace(opts, samples=SAMPLES)
 
 
@@ -119,12 +120,11 @@ class CurvePoint:
 def execute(run: Run, run_dir: Path, opts: StudyOptions) -> dict:
     """Train one variant and seed within its CPU budget, scoring every checkpoint."""
     variant, seed = run.spec["variant"], run.spec["seed"]
-    opts = eval_opts(opts)
     cfg = config(opts, variant, seed=seed)
     per_step = probe_seconds(opts, variant)
-    curve = CurvePoint(run_dir, opts, cfg, per_step)
+    curve = CurvePoint(run_dir, eval_opts(opts), cfg, per_step)
     trainer = trained(run_dir, cfg, on_checkpoint=curve)
-    scores = evaluation(opts, cfg).evaluate(trainer, run_dir, [SETTING])
+    scores = evaluation(eval_opts(opts), cfg).evaluate(trainer, run_dir, [SETTING])
     distributed.shutdown(trainer.ctx)
     return {"variant": variant, "seed": seed, "steps": cfg.max_steps, "seconds_per_step": per_step,
             "img_per_s": cfg.batch_size / per_step, "params": parameter_count(trainer.model), "scores": scores,
