@@ -20,6 +20,7 @@ COMMANDS = {
     "convert-lora": ("rectflow.lora.cli", "convert a LoRA between the rectflow, diffusers, kohya and ComfyUI layouts"),
     "shards": ("rectflow.shards", "pack a folder of images (or built-in data) into WebDataset-style tar shards"),
     "cache": ("rectflow.training.precompute", "precompute a data set's latents and text features into shards"),
+    "preferences": ("rectflow.preferences", "preference pairs from a model's samples, judged by the shapes detector"),
     "demo": ("rectflow.demo", "sample the shipped model and train a small one from scratch on built-in data"),
     "ablate": ("rectflow.ablate", "run the paper's studies at small scale and write reports"),
 }

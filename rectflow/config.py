@@ -124,6 +124,11 @@ class TrainConfig:
     optimizer: str = _f("adamw", "adamw, or muon: Muon (orthogonalised momentum, torch.optim.Muon with AdamW-matched "
                                  "update RMS) for the transformer blocks' matrices, AdamW for the rest",
                         ("adamw", "muon"))
+    objective: str = _f("flow", "flow: the formulation's loss on the data; dpo: Diffusion-DPO on preference pairs "
+                                "(data: a preferences .jsonl), the policy a LoRA (lora > 0) of the init model, the "
+                                "reference that model", ("flow", "dpo"))
+    dpo_beta: float = _f(1000.0, "DPO: the inverse temperature beta on the per-sample loss differences (errors are "
+                                 "means over latent values: larger betas than for sums)")
     contrastive: float = _f(0.0, "contrastive flow matching weight lambda: each sample's loss minus lambda x its "
                                  "error against the target of a batch sample with another caption; 0: off")
     registers: int = _f(0, "learned register tokens appended to the text tokens of the joint attention (a rectflow "
@@ -221,6 +226,11 @@ class TrainConfig:
         if self.class_images < 1 or self.prior_weight < 0:
             raise ValueError(f"config keys 'class_images' / 'prior_weight': expected >= 1 / >= 0, got "
                              f"{self.class_images!r} / {self.prior_weight!r}")
+        if self.objective == "dpo" and not self.lora:
+            raise ValueError("config key 'objective': dpo trains a LoRA of the init model (its reference); set lora "
+                             "(e.g. 128, the paper's rank) and init")
+        if self.dpo_beta <= 0:
+            raise ValueError(f"config key 'dpo_beta': expected a value > 0, got {self.dpo_beta!r}")
         if self.ema_power is not None and self.ema_power <= 0:
             raise ValueError(f"config key 'ema_power': expected a value > 0 or null, got {self.ema_power!r}")
         if not 0.0 <= self.contrastive < 1.0:

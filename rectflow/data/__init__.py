@@ -12,9 +12,10 @@ import torch
 from .emoji import EmojiDataset
 from .folder import ImageFolderDataset
 from .shapes import ShapesDataset
+from .preferences import PreferencePairs, is_preference_spec
 from .shards import ShardItems, ShardSet, is_shard_spec
 
-__all__ = ["get_dataset", "collate", "ShapesDataset", "EmojiDataset", "ImageFolderDataset", "ShardSet", "ShardItems"]
+__all__ = ["get_dataset", "collate", "ShapesDataset", "EmojiDataset", "ImageFolderDataset", "ShardSet", "ShardItems", "PreferencePairs"]
 
 
 def get_dataset(name: str, resolution: int, split: str = "train", seed: int = 0, **kw) -> torch.utils.data.Dataset:
@@ -31,6 +32,8 @@ def get_dataset(name: str, resolution: int, split: str = "train", seed: int = 0,
         return ShapesDataset(resolution, split, seed=seed, **kw)
     if name == "emoji":
         return EmojiDataset(resolution, split, **kw)
+    if is_preference_spec(name):  # preference pairs for DPO (rectflow.data.preferences)
+        return PreferencePairs(name, resolution, split, **kw)
     if is_shard_spec(name):
         if split == "train":
             return ShardSet(name, resolution, seed=seed, **kw)

@@ -44,7 +44,8 @@ from rectflow.training import distributed
 from rectflow.training.checkpoint import (STATE_VERSION, ShardedCheckpoints, load_sharded_training, load_state,
                                           save_checkpoint, weights_metadata)
 from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions, data_options, default_prompts,
-                                    frozen_text_encoder, is_identity)
+                                    frozen_text_encoder, is_identity, step_indices)
+from rectflow.training.dpo import pair_losses
 from rectflow.training.finetune import (LoRATraining, attach_lora, check_fits, init_shapes, init_weights_path,
                                         load_init)
 from rectflow.training.model import (build_model, compute_loss, context_splits, negative_indices, route_blocks,
@@ -117,7 +118,8 @@ class Trainer:
         self.formulation = Formulation.from_name(cfg.formulation)
         self.autoencoder = load_autoencoder(cfg.autoencoder).to(self.device).eval()
         self.text = TextFeatures(frozen_text_encoder(cfg.text_encoder, self.device), text_cache)
-        self.text_drop = cfg.effective_text_drop(len(self.text.encoder_names))  # null: automatic, per encoder count
+        # null: automatic, per encoder count; DPO compares the two images of a pair under their prompt: no dropout
+        self.text_drop = 0.0 if cfg.objective == "dpo" else cfg.effective_text_drop(len(self.text.encoder_names))
         # an init model's patch size (from its header) sets the latent grid and the bucket sides; its weights are
         # loaded after the text encoders are released (_release_encoders), so both are never in memory together
         self.init, self.lora = None, None
@@ -130,6 +132,9 @@ class Trainer:
         self.latent_shape = (self.autoencoder.channels, side, side)
         self.dataset = self._dataset()
         self.streaming = getattr(self.dataset, "streaming", False)  # shards: read as streams, not indexed
+        if cfg.objective == "dpo" and not hasattr(self.dataset, "n_pairs"):
+            raise ValueError(f"config key 'data': objective dpo trains on preference pairs, {cfg.data!r} has none "
+                             f"(give a preferences .jsonl: rectflow preferences writes one)")
         if self.streaming:
             check_cached(self.dataset, self.autoencoder, cfg.text_encoder, cfg.resolution)
             self.batches = StreamBatches(self.dataset, self.autoencoder, self.device, self.ctx, self.micro,
@@ -372,7 +377,10 @@ class Trainer:
         lr = lr_at(step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        dpo = cfg.objective == "dpo"  # indices: preference pairs (rectflow.training.dpo), else data-set items
         indices, eps_all = (None, None) if self.streaming else (self.batches.indices(step), None)
+        if dpo:
+            indices = step_indices(cfg.seed, step, B, self.dataset.n_pairs)
         # t and noise of the whole global batch, drawn identically on every rank, each rank uses its slice
         t_all = self.formulation.sample_t(B, generator=generator_for(cfg.seed, step, "t"), shift=cfg.shift)
         if indices is not None:
@@ -382,6 +390,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         prior_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        dpo_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # pairs won, summed margin
         prior = self.prior.step_inputs(step, B, self.formulation, self.device) if self.prior else None
         data_wait, seen = 0.0, []  # seconds this step waited for its inputs; (slot, sample ids) per micro-batch
         for a in range(cfg.grad_accum):
@@ -399,9 +408,15 @@ class Trainer:
             else:
                 sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
             with sync:
-                per_sample = compute_loss(self.net, self.formulation, x0, context, pooled,
-                                          t_all[sl].to(self.device), eps, cfg.bf16, **self._speedups(step, lo, x0,
-                                                                                                     captions))
+                if dpo:  # x0 holds each pair's preferred and rejected image in turn
+                    per_sample, margin = pair_losses(self.net, self.model, self.formulation, x0[0::2], x0[1::2],
+                                                     context, pooled, t_all[sl].to(self.device), eps, cfg.bf16,
+                                                     cfg.dpo_beta)
+                    dpo_sums += torch.stack([(margin > 0).sum(), margin.sum()]).detach().double()
+                else:
+                    per_sample = compute_loss(self.net, self.formulation, x0, context, pooled,
+                                              t_all[sl].to(self.device), eps, cfg.bf16,
+                                              **self._speedups(step, lo, x0, captions))
                 total = per_sample.sum()
                 if prior is not None:  # the class images of this slice, their dropout seeded past the instances'
                     c_ctx, c_pooled = self._conditioning([cfg.class_prompt] * self.micro, step,
@@ -435,6 +450,9 @@ class Trainer:
         self.images_seen += B
         extra = {"data_wait_s": data_wait, **({} if prior_loss is None else {"prior_loss": prior_loss}),
                  **self._data_metrics(seen)}
+        if dpo:  # the share of pairs the policy prefers more than the reference does, and the mean margin
+            won, margin = (distributed.all_reduce_sum(dpo_sums, self.ctx) / B).tolist()
+            extra.update(dpo_accuracy=won, dpo_margin=margin)
         return {"step": self.step, "loss": loss if ok else None, "lr": lr, **extra,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 **({} if ok else {"nonfinite": True, "bad_loss": repr(loss), "bad_grad_norm": repr(grad_norm)})}
@@ -456,6 +474,10 @@ class Trainer:
     def _micro_inputs(self, step: int, sl: slice, indices, eps_all):
         """x0, captions, noise and sample ids of one micro-batch slice of the global batch: by index, or this rank's
         stream's next micro-batch (its noise seeded by its slot)."""
+        if self.cfg.objective == "dpo":  # each pair's preferred (item 2p) and rejected (2p + 1) image, in turn
+            pairs = indices[sl]
+            x0, _ = self.batches.load([i for p in pairs for i in (2 * p, 2 * p + 1)])
+            return x0, [self.dataset.captions[2 * p] for p in pairs], eps_all[sl], pairs, None
         if not self.streaming:
             x0, captions = self.batches.load(indices[sl])
             return x0, captions, eps_all[sl], indices[sl], None
