@@ -176,3 +176,18 @@ def test_one_checkpoint_for_all_weight_sets_and_atomic_outputs(tmp_path, monkeyp
         write_outputs({**report, "run": "another run"}, out)
     assert {p: p.read_bytes() for p in paths} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["eval.json", "eval.md", "eval.png"]
+
+
+def test_eval_of_a_checkpoint_outside_a_run(tiny_run, tmp_path, capsys):
+    """`rectflow eval --checkpoint`: a weights file with its training config (here a run's EMA file) scores as the
+    run's EMA does (same prompts, noise and reference); it needs --out, and --run xor --checkpoint."""
+    from rectflow.runs import find_checkpoint
+    common = ["--samples", "6", "--settings", "2x1.0", "--val-samples", "4", "--ref-samples", "12", "--device", "cpu"]
+    assert main(["eval", "--run", str(tiny_run), "--weights", "ema", "--out", str(tmp_path / "a.json"), *common]) == 0
+    ema = find_checkpoint(tiny_run) / "ema.safetensors"
+    assert main(["eval", "--checkpoint", str(ema), "--out", str(tmp_path / "b.json"),
+                 "--cache-dir", str(tiny_run / "cache"), *common]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["fid"] == b["fid"] and a["geneval"] == b["geneval"] and a["val_loss"] == b["val_loss"]
+    assert main(["eval", "--checkpoint", str(ema), *common]) == 2
+    assert "needs --out" in capsys.readouterr().err

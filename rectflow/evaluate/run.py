@@ -73,23 +73,29 @@ def load_weights(ck_dir: Path, weights: str, pipe, device):
     return dataclasses.replace(pipe, model=model, source=str(path), weights=weights)
 
 
-def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]] | None = None,
+def evaluate_run(run: str | None, samples: int = 120, settings: list[tuple[int, float]] | None = None,
                  weights: tuple[str, ...] = ("ema", "raw"), encoder_spec: str = "scorer", val_samples: int = 256,
                  ref_samples: int = 1000, seed: int = 0, batch_size: int = 64, shift: float | None = None,
-                 device: str = "cpu", bf16: bool = False, cache_dir: str | None = None, progress: bool = True) -> dict:
-    """The whole protocol for one run; returns the JSON-serialisable report.
+                 device: str = "cpu", bf16: bool = False, cache_dir: str | None = None, progress: bool = True,
+                 checkpoint: str | None = None) -> dict:
+    """The whole protocol for one run (or, with checkpoint, for one weights file or checkpoint folder that carries
+    its training config: the shipped model, a sharded run's consolidation); returns the JSON-serialisable report.
 
     Every weight set is read from the run's latest checkpoint at the start, even if the run writes a newer one
     meanwhile."""
     start = time.perf_counter()
     settings = settings or parse_settings(PAPER_SETTINGS)
     device = resolve_device(device)
-    ck_dir = latest_checkpoint(run)
-    pipe = load_pipeline(run, None, weights[0], device, step_dir=ck_dir)
+    if checkpoint is not None:  # one weight set: the file's, or the folder's EMA (else its only file)
+        pipe = load_pipeline(None, checkpoint, None, device)
+        weights, ck_dir = (pipe.weights or "ema",), None
+    else:
+        ck_dir = latest_checkpoint(run)
+        pipe = load_pipeline(run, None, weights[0], device, step_dir=ck_dir)
     cfg = pipe.train_config
     data, options = cfg.get("data", "shapes"), cfg.get("data_options") or {}
     shift = cfg.get("shift", 1.0) if shift is None else shift
-    cache = Path(cache_dir) if cache_dir else Path(run) / "cache"
+    cache = Path(cache_dir) if cache_dir else Path(run or Path(checkpoint).parent) / "cache"
     encoder = load_encoder(encoder_spec, device=device)
     prompts, metas = eval_set(data, pipe.resolution, samples, seed, options)
     reference = reference_fit(encoder, data, pipe.resolution, ref_samples, options, cache)
@@ -100,7 +106,7 @@ def evaluate_run(run: str, samples: int = 120, settings: list[tuple[int, float]]
     jobs = [Setting(w, steps, scale) for w in weights for steps, scale in settings]
     batches = range(0, len(prompts), batch_size)
     bar = tqdm(total=len(jobs) * len(batches), unit="batch", desc="rectflow eval", disable=not progress)
-    report = {"run": str(run), "encoder": encoder.name, "val_loss": {}, "fid": {}, "clip_score": {},
+    report = {"run": str(run or checkpoint), "encoder": encoder.name, "val_loss": {}, "fid": {}, "clip_score": {},
               "geneval": {} if metas is not None else None, "results": []}
     checkpoints = {}
     for i, w in enumerate(weights):
@@ -229,7 +235,9 @@ def write_outputs(report: dict, out: Path) -> tuple[Path, Path, Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`rectflow eval` options."""
-    parser.add_argument("--run", required=True, help="training run directory (config.yaml + checkpoints/)")
+    parser.add_argument("--run", default=None, help="training run directory (config.yaml + checkpoints/)")
+    parser.add_argument("--checkpoint", default=None, help="instead of --run: a rectflow weights file or checkpoint "
+                        "folder with its training config (e.g. rectflow/assets/default_model); needs --out")
     parser.add_argument("--out", default=None, help="JSON report; the .md table and .png plot go beside it "
                         "(default: RUN/eval/eval.json)")
     parser.add_argument("--samples", type=int, default=120, help="samples per sampler setting (and weight set)")
@@ -258,9 +266,13 @@ def run(args) -> int:
         device = resolve_device(args.device)
         if args.samples < 2:
             raise ValueError(f"--samples must be at least 2 (FID needs two samples), got {args.samples}")
+        if (args.run is None) == (args.checkpoint is None):
+            raise ValueError("give exactly one of --run DIR or --checkpoint PATH")
+        if args.checkpoint is not None and args.out is None:
+            raise ValueError("--checkpoint needs --out (where the report goes)")
         report = evaluate_run(args.run, args.samples, parse_settings(args.settings), tuple(args.weights),
                               args.encoder, args.val_samples, args.ref_samples, args.seed, args.batch_size,
-                              args.shift, device, args.bf16, args.cache_dir)
+                              args.shift, device, args.bf16, args.cache_dir, checkpoint=args.checkpoint)
     except (ValueError, FileNotFoundError) as err:
         print(f"rectflow eval: {err}", file=sys.stderr)
         return 2
