@@ -389,8 +389,7 @@ class Trainer:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        prior_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        dpo_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # pairs won, summed margin
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # prior loss, DPO pairs won, DPO margin
         prior = self.prior.step_inputs(step, B, self.formulation, self.device) if self.prior else None
         data_wait, seen = 0.0, []  # seconds this step waited for its inputs; (slot, sample ids) per micro-batch
         for a in range(cfg.grad_accum):
@@ -401,35 +400,15 @@ class Trainer:
             data_wait += time.perf_counter() - t_data
             seen.append((lo, ids))
             context, pooled = self._conditioning(captions, step, range(lo, lo + self.micro), features)
-            last = a == cfg.grad_accum - 1
-            if self.fsdp:  # FSDP2 reduces gradients on the last micro-step only
-                self.model.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext()
-            else:
-                sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
-            with sync:
-                if dpo:  # x0 holds each pair's preferred and rejected image in turn
-                    per_sample, margin = pair_losses(self.net, self.model, self.formulation, x0[0::2], x0[1::2],
-                                                     context, pooled, t_all[sl].to(self.device), eps, cfg.bf16,
-                                                     cfg.dpo_beta)
-                    dpo_sums += torch.stack([(margin > 0).sum(), margin.sum()]).detach().double()
-                else:
-                    per_sample = compute_loss(self.net, self.formulation, x0, context, pooled,
-                                              t_all[sl].to(self.device), eps, cfg.bf16,
-                                              **self._speedups(step, lo, x0, captions))
-                total = per_sample.sum()
-                if prior is not None:  # the class images of this slice, their dropout seeded past the instances'
-                    c_ctx, c_pooled = self._conditioning([cfg.class_prompt] * self.micro, step,
-                                                         range(B + lo, B + lo + self.micro))
-                    class_loss = compute_loss(self.net, self.formulation, prior[0][sl], c_ctx, c_pooled,
-                                              prior[1][sl], prior[2][sl], cfg.bf16)
-                    total = total + cfg.prior_weight * class_loss.sum()
-                    prior_sum += class_loss.detach().double().sum()
+            with self._grad_sync(last=a == cfg.grad_accum - 1):
+                per_sample, total = self._micro_loss(step, lo, x0, captions, context, pooled, eps,
+                                                     t_all[sl].to(self.device), prior, sums)
                 # sum / B per rank; DDP averages over ranks, hence the world factor
                 (total * (world / B)).backward()
             loss_sum += per_sample.detach().double().sum()
         loss = distributed.all_reduce_sum(loss_sum, self.ctx).item() / B
-        prior_loss = distributed.all_reduce_sum(prior_sum, self.ctx).item() / B if prior is not None else None
+        sums = (distributed.all_reduce_sum(sums, self.ctx) / B).tolist()
+        prior_loss = sums[0] if prior is not None else None
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).item()
         ok = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -451,11 +430,40 @@ class Trainer:
         extra = {"data_wait_s": data_wait, **({} if prior_loss is None else {"prior_loss": prior_loss}),
                  **self._data_metrics(seen)}
         if dpo:  # the share of pairs the policy prefers more than the reference does, and the mean margin
-            won, margin = (distributed.all_reduce_sum(dpo_sums, self.ctx) / B).tolist()
-            extra.update(dpo_accuracy=won, dpo_margin=margin)
+            extra.update(dpo_accuracy=sums[1], dpo_margin=sums[2])
         return {"step": self.step, "loss": loss if ok else None, "lr": lr, **extra,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 **({} if ok else {"nonfinite": True, "bad_loss": repr(loss), "bad_grad_norm": repr(grad_norm)})}
+
+    def _grad_sync(self, last: bool):
+        """Gradients are reduced over the processes on the last micro-step only (FSDP2's switch, DDP's no_sync)."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last or not self.ctx.enabled else self.net.no_sync()
+
+    def _micro_loss(self, step: int, lo: int, x0, captions, context, pooled, eps, t, prior, sums):
+        """(per-sample losses, what to backpropagate) of the micro-batch at batch slot lo: the formulation's loss
+        with the learning-speed options, or DPO's per pair (x0 holds each pair's preferred and rejected image in
+        turn), plus prior preservation's class loss. sums accumulates [class loss, DPO pairs won, DPO margin]."""
+        cfg = self.cfg
+        if cfg.objective == "dpo":
+            per_sample, margin = pair_losses(self.net, self.model, self.formulation, x0[0::2], x0[1::2], context,
+                                             pooled, t, eps, cfg.bf16, cfg.dpo_beta)
+            sums[1:] += torch.stack([(margin > 0).sum(), margin.sum()]).detach().double()
+        else:
+            per_sample = compute_loss(self.net, self.formulation, x0, context, pooled, t, eps, cfg.bf16,
+                                      **self._speedups(step, lo, x0, captions))
+        total = per_sample.sum()
+        if prior is not None:  # the class images of this slice, their dropout seeded past the instances'
+            sl, B = slice(lo, lo + self.micro), cfg.batch_size
+            c_ctx, c_pooled = self._conditioning([cfg.class_prompt] * self.micro, step,
+                                                 range(B + lo, B + lo + self.micro))
+            class_loss = compute_loss(self.net, self.formulation, prior[0][sl], c_ctx, c_pooled, prior[1][sl],
+                                      prior[2][sl], cfg.bf16)
+            total = total + cfg.prior_weight * class_loss.sum()
+            sums[0] += class_loss.detach().double().sum()
+        return per_sample, total
 
     def _speedups(self, step: int, lo: int, x0: torch.Tensor, captions: list[str]) -> dict:
         """compute_loss options of the learning-speed settings (docs/training.md "Learning speed"): contrastive flow
