@@ -234,3 +234,27 @@ def test_resume_with_another_stream_layout_starts_the_next_epoch(tmp_path, capsy
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
     assert state["data_streams"]["layout"] == 2
     assert {p["epoch"] for p in state["data_streams"]["streams"].values()} == {1}
+
+
+def test_a_tar_cut_at_a_member_boundary_and_an_unreadable_stream(tmp_path):
+    """tarfile reads a tar cut between members as a clean end: the manifest's count catches it (counted as a
+    damaged shard, its possibly partial last sample held back); a stream whose every shard is unreadable stops with
+    a clear error after a few epochs instead of spinning."""
+    _shapes_shards(tmp_path / "a", n=8, shard_size=8)
+    tar = tmp_path / "a" / "shard-000000.tar"
+    members = [(m.name, tarfile.open(tar).extractfile(m).read()) for m in tarfile.open(tar)]
+    with tarfile.open(tar, "w") as out:
+        for name, data in members[:3 * 5 - 1]:  # 5 samples of 3 members, the 5th missing its last member
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    stream = ShardSet(str(tmp_path / "a"), 16, shuffle_buffer=0).stream(0, 1)
+    it = iter(stream)
+    keys = [next(it)["meta"]["key"] for _ in range(4)]
+    assert keys == [f"{i:08d}" for i in range(4)] and stream.position.bad_shards == 0
+    assert next(it)["meta"]["key"] == "00000000"  # the next epoch: sample 4 was held back, the shard counted
+    assert stream.position.bad_shards == 1
+    _shapes_shards(tmp_path / "b", n=8, shard_size=8)
+    (tmp_path / "b" / "shard-000000.tar").write_bytes(b"garbage" * 100)
+    with pytest.raises(ShardError, match="no usable sample in 3 epochs"):
+        next(iter(ShardSet(str(tmp_path / "b"), 16).stream(0, 1)))

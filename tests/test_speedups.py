@@ -65,6 +65,10 @@ def test_muon_takes_the_block_matrices_and_resumes_exactly(tmp_path):
     assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
     train(dataclasses.replace(cfg, optimizer="adamw"), tmp_path / "adamw")
     assert losses(tmp_path / "adamw")[1:] != losses(tmp_path / "ref")[1:]
+    sharded = dataclasses.replace(cfg, checkpoint_format="sharded")  # Muon's state through torch.distributed.checkpoint
+    train(dataclasses.replace(sharded, max_steps=3), tmp_path / "dcp")
+    train(sharded, tmp_path / "dcp", resume=True)
+    assert losses(tmp_path / "dcp") == losses(tmp_path / "ref")
 
 
 def _random_model(**kw) -> MMDiT:

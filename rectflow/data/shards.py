@@ -42,7 +42,8 @@ CAPTION_FIELDS = ("caption", "text", "prompt")  # a .json member's caption, when
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
 # members of precomputed samples (rectflow cache): the latent and the text features, float16 .npy
 LATENT, CONTEXT, POOLED = "latent.npy", "context.npy", "pooled.npy"
-SHUFFLE_BUFFER = 1000  # samples each stream holds for shuffling (WebDataset's usual size)
+SHUFFLE_BUFFER = 1000
+EMPTY_EPOCHS = 3  # a stream finding no usable sample in this many epochs in a row stops the run  # samples each stream holds for shuffling (WebDataset's usual size)
 
 
 class ShardError(ValueError):
@@ -65,9 +66,12 @@ def open_url(url: str):
     return open(url.removeprefix("file://"), "rb")
 
 
-def iter_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar(url: str, expected: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of each sample of a shard, read as a stream (no seeking: URLs work). Raises one of
-    SHARD_ERRORS where the shard is damaged; the sample cut short by it is not yielded."""
+    SHARD_ERRORS where the shard is damaged; the sample cut short by it is not yielded. expected: the manifest's
+    sample count, which catches a tar cut at a member boundary (tarfile reads that as a clean end): the shard raises
+    and its last sample, maybe missing members, is held back."""
+    count = 0
     with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         key, files = None, {}
         for member in tar:
@@ -79,8 +83,10 @@ def iter_tar(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             data = tar.extractfile(member).read()
             if key is not None and k != key:
                 yield key, files
-                files = {}
+                count, files = count + 1, {}
             key, files[ext] = k, data
+        if key is not None and expected is not None and count + 1 < expected:
+            raise tarfile.ReadError(f"the shard ends after {count + 1} of its {expected} samples (truncated)")
         if key is not None:
             yield key, files
 
@@ -217,6 +223,16 @@ class ShardSet:
         self.urls, self.manifest = resolve(spec)
         if not self.urls:
             raise ShardError(f"{spec}: the shard list is empty")
+        # each shard's sample count where a manifest says (a tar cut at a member boundary is caught by it)
+        self.expected = [s.get("samples") for s in self.manifest["shards"]] if self.manifest else [None] * len(
+            self.urls)
+
+    @property
+    def fingerprint(self) -> str:
+        """What a stream position is relative to: the shard list (and manifest hashes), the seed and the buffer."""
+        shards = self.manifest["shards"] if self.manifest else self.urls
+        return hashlib.sha256(json.dumps([shards, self.seed, self.shuffle_buffer], sort_keys=True,
+                                         default=str).encode()).hexdigest()[:16]
 
     @property
     def cached(self) -> dict | None:
@@ -298,7 +314,7 @@ class ShardStream:
             _seed(self.shards.seed, "shard-order", epoch))).tolist()
         for u in order[self.index::self.count]:
             try:
-                yield from iter_tar(urls[u])
+                yield from iter_tar(urls[u], self.shards.expected[u])
             except SHARD_ERRORS as err:
                 self.position.bad_shards += 1
                 if not self._replaying:
@@ -328,8 +344,9 @@ class ShardStream:
         position after it."""
         epoch, skip = self.start.epoch, self.start.drawn
         self.position = Position(**self.start.to_dict())
+        barren = 0  # epochs in a row in which this stream found no usable sample
         while True:
-            self._replaying, n = skip > 0, 0
+            self._replaying, good = skip > 0, 0
             for n, (key, files) in enumerate(self._epoch(epoch), 1):
                 if n <= skip:  # consumed before the resume: re-read (the buffer refills the same way), not decoded
                     if n == skip:  # the counters as they were then (the replay met the same damaged shards)
@@ -343,10 +360,15 @@ class ShardStream:
                     self.position.bad_samples += 1
                     log.warning("sample %s: skipped (%s)", key, err)
                     continue
+                good += 1
                 yield item
-            if n == 0:
-                raise ShardError(f"stream {self.index} of {self.count}: none of its shards of epoch {epoch} holds a "
-                                 f"readable sample")
+            barren = 0 if good or skip else barren + 1
+            if barren:  # its shards of this epoch were all unreadable: the next epoch deals it others
+                log.warning("stream %d of %d: no usable sample in its shards of epoch %d", self.index, self.count,
+                            epoch)
+            if barren >= EMPTY_EPOCHS:
+                raise ShardError(f"stream {self.index} of {self.count}: no usable sample in {barren} epochs in a "
+                                 f"row; the shards of {self.shards.spec} are unreadable (rectflow shards --check)")
             epoch, skip = epoch + 1, 0
             self.position.epoch, self.position.drawn = epoch, 0
 

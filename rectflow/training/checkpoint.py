@@ -108,6 +108,16 @@ class ShardedCheckpoints:
         if not self.asynchronous:
             self.wait()
 
+    def poll(self) -> Path | None:
+        """Finish the save in flight once every rank's writers are done (a collective while one is in flight): a
+        written checkpoint appears within a step, not only at the next save."""
+        if self.pending is None:
+            return None
+        done = torch.tensor([float(all(getattr(f, "upload_completion", f).done() for f in self.pending[0]))])
+        if distributed.all_reduce_sum(done, self.ctx).item() < self.ctx.world_size:
+            return None
+        return self.wait()
+
     def wait(self) -> Path | None:
         """Finish the save in flight: every shard written, then (rank 0) renamed into place; returns step_N."""
         if self.pending is None:

@@ -275,10 +275,10 @@ class Trainer:
         latents_ready = cached or self.batches.cache is not None or is_identity(self.autoencoder)
         if not (wanted and captions_ready and latents_ready):
             return
-        if self.evaluates:
-            text.prepare(self.prompts + [""] + ([cfg.class_prompt] if cfg.class_prompt else []))
-            if cfg.val_every:
-                self.validation_inputs()
+        # every rank conditions on "" (CFG's) and the class prompt; the grid prompts and validation are the evaluators'
+        text.prepare(self.prompts + [""] + ([cfg.class_prompt] if cfg.class_prompt else []))
+        if self.evaluates and cfg.val_every:
+            self.validation_inputs()
         text.release()
         frozen_text_encoder.cache_clear()
         self.autoencoder.release_encoder()
@@ -614,7 +614,7 @@ class Trainer:
             self._open_logs()
         if self.streaming:
             self.batches.start(self._saved_streams, self.step * cfg.grad_accum)
-        else:
+        elif cfg.objective != "dpo":  # (DPO reads pairs' items, which the step-indexed sampler does not know)
             self.batches.start_workers(cfg.workers, self.step, cfg.max_steps, self.micro, self.ctx.world_size,
                                        self.ctx.rank, cfg.grad_accum)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
@@ -651,6 +651,8 @@ class Trainer:
                 # a skipped step left the weights as they were (good): checkpoint as usual; only an abort does not
                 if done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
+                elif self.sharded is not None:
+                    self.sharded.poll()
                 grid_due = done or (cfg.sample_every and self.step % cfg.sample_every == 0)
                 if self.evaluates and cfg.sample_every and self.prompts and grid_due:
                     self.write_samples()
@@ -659,6 +661,9 @@ class Trainer:
         finally:
             profiler.close()
             bar.close()
+            self.batches.loader = None  # DataLoader workers end with their iterator
+            if self.sharded is not None and not self.ctx.enabled:  # one process: a written save still counts
+                self.sharded.wait()
             if main and self._writer is not None:
                 self._metrics.close()
                 self._writer.close()

@@ -31,6 +31,10 @@ class Optimizers:
         self.optimizers = optimizers
         self.param_groups = [g for opt in optimizers.values() for g in opt.param_groups]
 
+    def __iter__(self):
+        """The inner optimizers (torch.distributed.checkpoint's state-dict API takes an iterable of them)."""
+        return iter(self.optimizers.values())
+
     def step(self) -> None:
         for opt in self.optimizers.values():
             opt.step()

@@ -55,21 +55,25 @@ class StreamBatches:
         self.num_workers = workers
         self.layout = ctx.world_size * self.workers  # streams in the job
         self.local: dict[int, dict] = {}  # this rank's streams: index -> position after its last consumed batch
-        self.loader = None
+        self.loader, self.carried = None, (0, 0)
 
     def start(self, saved: dict | None, consumed: int) -> None:
         """Open this rank's streams at the checkpoint's positions (saved: its "data_streams"; None: fresh), after
         `consumed` micro-batches of this rank (step x grad_accum)."""
-        positions = {}
-        if saved and saved.get("layout") == self.layout:
+        positions, self.carried = {}, (0, 0)
+        same = saved and saved.get("fingerprint", self.shards.fingerprint) == self.shards.fingerprint
+        if saved and saved.get("layout") == self.layout and same:
             positions = {int(k): Position(**v) for k, v in saved["streams"].items()}
         elif saved:
-            epoch = 1 + max((v["epoch"] for v in saved["streams"].values()), default=-1)
+            old = saved["streams"].values()
+            epoch = 1 + max((v["epoch"] for v in old), default=-1)
             positions = {i: Position(epoch=epoch) for i in range(self.layout)}
-            if self.ctx.is_main:
-                print(f"rectflow train: the checkpoint's data streams were {saved['layout']} (processes x workers), "
-                      f"this run has {self.layout}: the data continues at the start of epoch {epoch}",
-                      file=sys.stderr)
+            if self.ctx.is_main:  # the old streams' damage counts stay in the totals (counted once, on rank 0)
+                self.carried = (sum(v["bad_samples"] for v in old), sum(v["bad_shards"] for v in old))
+                why = (f"were {saved['layout']} (processes x workers), this run has {self.layout}" if same else
+                       "were over other shards (the shard list, seed or shuffle buffer changed)")
+                print(f"rectflow train: the checkpoint's data streams {why}: the data continues at the start of "
+                      f"epoch {epoch}", file=sys.stderr)
         self.local = {k: v.to_dict() for k, v in positions.items()
                       if self.ctx.rank * self.workers <= k < (self.ctx.rank + 1) * self.workers}
         data = MicroBatches(self.shards, self.ctx.rank, self.ctx.world_size, self.workers, self.micro, positions,
@@ -93,14 +97,16 @@ class StreamBatches:
 
     def bad_counts(self) -> tuple[int, int]:
         """(damaged samples, damaged shards) skipped so far by this rank's streams."""
-        return (sum(p["bad_samples"] for p in self.local.values()), sum(p["bad_shards"] for p in self.local.values()))
+        local = self.local.values()
+        return (self.carried[0] + sum(p["bad_samples"] for p in local),
+                self.carried[1] + sum(p["bad_shards"] for p in local))
 
     def positions(self) -> dict:
         """Every stream's position in the job (a collective under torchrun): the checkpoint's "data_streams"."""
         streams = {}
         for part in distributed.all_gather_objects(self.local, self.ctx):
             streams.update({str(k): v for k, v in part.items()})
-        return {"layout": self.layout, "streams": streams}
+        return {"layout": self.layout, "fingerprint": self.shards.fingerprint, "streams": streams}
 
 
 def check_cached(shards: ShardSet, autoencoder, text_encoder: str, resolution: int) -> None:
