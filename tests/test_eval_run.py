@@ -189,5 +189,10 @@ def test_eval_of_a_checkpoint_outside_a_run(tiny_run, tmp_path, capsys):
                  "--cache-dir", str(tiny_run / "cache"), *common]) == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert a["fid"] == b["fid"] and a["geneval"] == b["geneval"] and a["val_loss"] == b["val_loss"]
+    # --data: another data set's prompts and reference (a DPO run's pairs have none); shapes at the run's options
+    assert main(["eval", "--checkpoint", str(ema), "--out", str(tmp_path / "c.json"), "--data", "shapes",
+                 *common]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["settings"]["data"] == "shapes" and set(c["geneval"]) == set(b["geneval"])
     assert main(["eval", "--checkpoint", str(ema), *common]) == 2
     assert "needs --out" in capsys.readouterr().err

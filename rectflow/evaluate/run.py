@@ -77,9 +77,11 @@ def evaluate_run(run: str | None, samples: int = 120, settings: list[tuple[int, 
                  weights: tuple[str, ...] = ("ema", "raw"), encoder_spec: str = "scorer", val_samples: int = 256,
                  ref_samples: int = 1000, seed: int = 0, batch_size: int = 64, shift: float | None = None,
                  device: str = "cpu", bf16: bool = False, cache_dir: str | None = None, progress: bool = True,
-                 checkpoint: str | None = None) -> dict:
+                 checkpoint: str | None = None, data: str | None = None) -> dict:
     """The whole protocol for one run (or, with checkpoint, for one weights file or checkpoint folder that carries
     its training config: the shipped model, a sharded run's consolidation); returns the JSON-serialisable report.
+    data: the data set whose prompts, validation split and FID reference score the model, instead of the run's (a
+    DPO run trained on preference pairs is scored on the data the pairs came from).
 
     Every weight set is read from the run's latest checkpoint at the start, even if the run writes a newer one
     meanwhile."""
@@ -93,7 +95,7 @@ def evaluate_run(run: str | None, samples: int = 120, settings: list[tuple[int, 
         ck_dir = latest_checkpoint(run)
         pipe = load_pipeline(run, None, weights[0], device, step_dir=ck_dir)
     cfg = pipe.train_config
-    data, options = cfg.get("data", "shapes"), cfg.get("data_options") or {}
+    data, options = data or cfg.get("data", "shapes"), ({} if data else cfg.get("data_options") or {})
     shift = cfg.get("shift", 1.0) if shift is None else shift
     cache = Path(cache_dir) if cache_dir else Path(run or Path(checkpoint).parent) / "cache"
     encoder = load_encoder(encoder_spec, device=device)
@@ -240,6 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "folder with its training config (e.g. rectflow/assets/default_model); needs --out")
     parser.add_argument("--out", default=None, help="JSON report; the .md table and .png plot go beside it "
                         "(default: RUN/eval/eval.json)")
+    parser.add_argument("--data", default=None, help="score on this data set's prompts, validation split and FID "
+                        "reference instead of the run's (e.g. shapes for a DPO run on preference pairs)")
     parser.add_argument("--samples", type=int, default=120, help="samples per sampler setting (and weight set)")
     parser.add_argument("--settings", default=PAPER_SETTINGS, help="Euler sampler settings, comma-separated "
                         "STEPSxCFG (default: docs/paper.md §3's six)")
@@ -272,7 +276,8 @@ def run(args) -> int:
             raise ValueError("--checkpoint needs --out (where the report goes)")
         report = evaluate_run(args.run, args.samples, parse_settings(args.settings), tuple(args.weights),
                               args.encoder, args.val_samples, args.ref_samples, args.seed, args.batch_size,
-                              args.shift, device, args.bf16, args.cache_dir, checkpoint=args.checkpoint)
+                              args.shift, device, args.bf16, args.cache_dir, checkpoint=args.checkpoint,
+                              data=args.data)
     except (ValueError, FileNotFoundError) as err:
         print(f"rectflow eval: {err}", file=sys.stderr)
         return 2
