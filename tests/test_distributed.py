@@ -152,3 +152,15 @@ def test_sharded_async_checkpoints_resume_on_one_and_consolidate(tmp_path):
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # three spawned processes
+def test_fsdp_trains_the_architecture_study_baselines(tmp_path):
+    """A baseline under FSDP (UViT: its stream blocks are driven through their methods, so they stay in the root's
+    unit) gives the losses of one process."""
+    cfg = {**CFG, "arch": "uvit", "depth": 2}
+    mp.start_processes(_worker, args=(1, _free_port(), str(tmp_path / "one"), cfg), nprocs=1, start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "two"), {**cfg, "parallel": "fsdp"}), nprocs=2,
+                       start_method="spawn")
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "two")), torch.tensor(_losses(tmp_path / "one")),
+                               rtol=1e-5, atol=1e-6)

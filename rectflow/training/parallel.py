@@ -53,7 +53,10 @@ def shard(model: torch.nn.Module, mesh=None, mixed_precision: bool = False, cpu_
         blocks = getattr(model, name, None)
         if isinstance(blocks, torch.nn.ModuleList):
             for block in blocks:
-                fully_shard(block, **options)
+                # FSDP gathers a unit's parameters in its forward hooks: blocks the model drives through their
+                # methods instead (DiT's and UViT's stream blocks) stay in the root's unit
+                if type(block).forward is not torch.nn.Module.forward:
+                    fully_shard(block, **options)
     fully_shard(model, **options)
     return model
 
