@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -250,21 +251,22 @@ class ShardSet:
     def decode(self, key: str, files: dict[str, bytes]) -> dict:
         return decode_sample(key, files, self.resolution, self.crop, self.default_caption)
 
-    def preview(self, n: int) -> list[dict]:
-        """The first n usable samples in shard order (sample-grid prompts; no shuffling)."""
-        out = []
-        for url in self.urls:
+    def usable(self, shards=None) -> Iterator[tuple[tuple[str, dict[str, bytes]], dict]]:
+        """((key, members), decoded item) of every usable sample in shard order (no shuffling) of the given shard
+        indices (default: all); unusable samples and the rest of a damaged shard are skipped with a warning."""
+        for u in range(len(self.urls)) if shards is None else shards:
             try:
-                for key, files in iter_tar(url):
+                for key, files in iter_tar(self.urls[u], self.expected[u]):
                     try:
-                        out.append(self.decode(key, files))
-                    except UnusableImage:
-                        continue
-                    if len(out) == n:
-                        return out
-            except SHARD_ERRORS:
-                continue
-        return out
+                        yield (key, files), self.decode(key, files)
+                    except UnusableImage as err:
+                        log.warning("%s: sample %s skipped (%s)", self.urls[u], key, err)
+            except SHARD_ERRORS as err:
+                log.warning("shard %s is damaged (%s); skipping the rest of it", self.urls[u], err)
+
+    def preview(self, n: int) -> list[dict]:
+        """The first n usable samples in shard order (sample-grid prompts)."""
+        return [item for _, item in itertools.islice(self.usable(), n)]
 
 
 class ShardItems(torch.utils.data.Dataset):
@@ -273,17 +275,8 @@ class ShardItems(torch.utils.data.Dataset):
     def __init__(self, spec: str, resolution: int, crop: str = "center", default_caption: str = "",
                  shuffle_buffer: int = 0):
         self.shards = ShardSet(spec, resolution, crop=crop, default_caption=default_caption)
-        self.records, self.captions = [], []
-        for url in self.shards.urls:
-            try:
-                for key, files in iter_tar(url):
-                    try:
-                        self.captions.append(self.shards.decode(key, files)["caption"])
-                    except UnusableImage:
-                        continue
-                    self.records.append((key, files))
-            except SHARD_ERRORS as err:
-                log.warning("shard %s is damaged (%s); skipping the rest of it", url, err)
+        samples = list(self.shards.usable())
+        self.records, self.captions = [r for r, _ in samples], [item["caption"] for _, item in samples]
         if not self.records:
             raise ShardError(f"{spec}: no usable samples")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -25,9 +24,7 @@ from tqdm import tqdm
 
 from rectflow.autoencoder import load_autoencoder
 from rectflow.data import get_dataset
-from rectflow.data.folder import UnusableImage
-from rectflow.data.shards import (CONTEXT, LATENT, MANIFEST, POOLED, SHARD_ERRORS, ShardSet, iter_tar, npy_member,
-                                  write_shards)
+from rectflow.data.shards import CONTEXT, LATENT, MANIFEST, POOLED, ShardSet, npy_member, write_shards
 from rectflow.devices import resolve_device
 from rectflow.files import write_text_atomic
 from rectflow.text import load_text_encoder
@@ -56,17 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _items(ds, rank: int, world: int, count: int | None) -> Iterator[dict]:
     """This rank's share of a data set's items: every world-th index, or whole shards of a shard set."""
     if isinstance(ds, ShardSet):
-        for u, url in enumerate(ds.urls):
-            if u % world != rank:
-                continue
-            try:
-                for key, files in iter_tar(url):
-                    try:
-                        yield ds.decode(key, files)
-                    except UnusableImage as err:
-                        print(f"rectflow cache: {url}: sample {key} skipped ({err})", file=sys.stderr)
-            except SHARD_ERRORS as err:
-                print(f"rectflow cache: {url} is damaged ({err}); skipping the rest of it", file=sys.stderr)
+        yield from (item for _, item in ds.usable(range(rank, len(ds.urls), world)))
         return
     n = len(ds) if count is None else min(len(ds), count)
     for i in range(rank, n, world):
