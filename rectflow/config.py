@@ -131,6 +131,9 @@ class TrainConfig:
                                  "means over latent values: larger betas than for sums)")
     contrastive: float = _f(0.0, "contrastive flow matching weight lambda: each sample's loss minus lambda x its "
                                  "error against the target of a batch sample with another caption; 0: off")
+    dispersive: float = _f(0.0, "dispersive loss weight (Wang & He 2025): lambda x log mean_ij exp(-||h_i - h_j||^2 / "
+                                "d) over the batch's image tokens after the middle block, which spreads the "
+                                "representations apart with no positive pairs and no pretrained network; 0: off")
     registers: int = _f(0, "learned register tokens appended to the text tokens of the joint attention (a rectflow "
                            "model option: no released layout has them); 0: none")
     route_fraction: float = _f(0.0, "token routing (TREAD): this share of each image's tokens, drawn per sample and "
@@ -235,6 +238,10 @@ class TrainConfig:
             raise ValueError(f"config key 'ema_power': expected a value > 0 or null, got {self.ema_power!r}")
         if not 0.0 <= self.contrastive < 1.0:
             raise ValueError(f"config key 'contrastive': expected a weight in [0, 1), got {self.contrastive!r}")
+        if self.dispersive < 0:
+            raise ValueError(f"config key 'dispersive': expected a weight >= 0, got {self.dispersive!r}")
+        if self.dispersive and self.arch != "mmdit":
+            raise ValueError(f"config key 'dispersive': an MM-DiT option (its middle joint block); arch {self.arch!r}")
         if not 0.0 <= self.route_fraction < 1.0:
             raise ValueError(f"config key 'route_fraction': expected a share in [0, 1), got {self.route_fraction!r}")
         if self.arch != "mmdit" and (self.registers or self.route_fraction):

@@ -3,7 +3,8 @@ and a loss weight under one name. The paths are in rectflow.paths, the t sampler
 
 z_t = a_t x0 + b_t eps, t in [0, 1], t = 0 data, t = 1 noise. A Formulation combines
   - a path (a_t, b_t): rectified flow, the LDM discrete variance-preserving schedule, cosine, or EDM's sigma(t);
-  - what the network predicts: the velocity eps - x0, eps, v = a eps - b x0, or EDM's preconditioned F;
+  - what the network predicts: the velocity eps - x0, eps, v = a eps - b x0, EDM's preconditioned F, or x0 itself
+    (x/..., trained with the velocity loss: JiT, docs/formulations.md);
   - the density pi(t) training times are drawn from: uniform, logit-normal, mode, cosmap (docs/paper.md §2);
 and a per-sample loss equal to -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2, so that its expectation over
 t ~ pi is the paper's objective L_w with weight w_t (docs/paper.md §1). docs/formulations.md maps every name to its
@@ -24,7 +25,8 @@ from rectflow.timesteps import CosMap, LogitNormal, ModeSampler, Uniform  # noqa
 SIGMA_DATA = 0.5  # EDM's sigma_data: the 0.5^2 in the EDM weighting (docs/paper.md §1)
 
 ACCEPTED = ("rf, rf/lognorm(m, s), rf/mode(s), rf/cosmap, eps/linear, v/linear, eps/cos, v/cos, "
-            "edm(Pm, Ps), edm/rf, edm/cos")
+            "edm(Pm, Ps), edm/rf, edm/cos, x, x/lognorm(m, s)")
+X_T_MIN = 0.05  # x-prediction's velocity loss divides by max(t, X_T_MIN): bounded weight near the data (JiT)
 
 
 def shift_time(t, alpha):
@@ -75,7 +77,7 @@ class Formulation:
     def __init__(self, name, path, prediction, sampler, weight, loss_scale, t_max=None):
         self.name = name
         self.path = path
-        self.prediction = prediction  # "velocity" | "eps" | "v" | "edm"
+        self.prediction = prediction  # "velocity" | "eps" | "v" | "edm" | "x"
         self.sampler = sampler
         self._weight = weight
         self.loss_scale = loss_scale  # -1/2 (w/pi) lambda' (d eps_hat / d net_out)^2, constant in t
@@ -163,6 +165,8 @@ class Formulation:
             return eps
         if self.prediction == "v":
             return _expand(self.a(t), x0) * eps - _expand(self.b(t), x0) * x0
+        if self.prediction == "x":
+            return x0
         c, d = self._edm_cd(t, x0)
         return c * x0 / SIGMA_DATA - d * eps  # F = (x0 - c_skip z) / c_out
 
@@ -189,6 +193,8 @@ class Formulation:
             return z - b * net_out, z + a * net_out
         if self.prediction == "eps":
             return (z - b * net_out) / a, net_out
+        if self.prediction == "x":  # rf path; t = 0 only where no step is evaluated
+            return net_out, (z - a * net_out) / b
         norm = a**2 + b**2  # 1 on variance-preserving paths
         return (a * z - b * net_out) / norm, (b * z + a * net_out) / norm
 
@@ -209,19 +215,25 @@ class Formulation:
     def loss(self, net_out, x0, eps, t):
         """Per-sample loss -1/2 (w_t / pi(t)) lambda'_t ||eps_hat - eps||^2 (mean over non-batch dims),
         docs/paper.md §1."""
+        return self.loss_scale * self._error(net_out, x0, eps, t).pow(2).flatten(1).mean(1)
+
+    def _error(self, net_out, x0, eps, t):
+        """net_out - target in float32, in the loss's units: x-prediction's error becomes the velocity error
+        (x0 - x0_hat) / t, with t floored at X_T_MIN."""
         dtype = torch.promote_types(net_out.dtype, torch.float32)
         err = net_out.to(dtype) - self.target(x0, eps, t).to(dtype)
-        return self.loss_scale * err.pow(2).flatten(1).mean(1)
+        if self.prediction == "x":
+            err = err / _expand(_time(t).to(err).clamp_min(X_T_MIN), err)
+        return err
 
     def contrastive_loss(self, net_out, x0, eps, t, negatives: torch.Tensor, weight: float):
         """Contrastive flow matching (docs/training.md "Learning speed"): the loss minus weight x the same error measured
         against the target of sample negatives[i] (its data and noise, at sample i's t), which pushes each
         prediction away from other captions' flows. A sample that is its own negative keeps the plain loss."""
         loss = self.loss(net_out, x0, eps, t)
-        dtype = torch.promote_types(net_out.dtype, torch.float32)
-        away = net_out.to(dtype) - self.target(x0[negatives], eps[negatives], t).to(dtype)
+        away = self._error(net_out, x0[negatives], eps[negatives], t)
         other = negatives != torch.arange(len(negatives), device=negatives.device)
-        return loss - weight * other.to(dtype) * self.loss_scale * away.pow(2).flatten(1).mean(1)
+        return loss - weight * other.to(away.dtype) * self.loss_scale * away.pow(2).flatten(1).mean(1)
 
     def training_loss(self, model_fn, x0, t=None, eps=None, generator=None, shift=1.0, negatives=None,
                       contrastive: float = 0.0):
@@ -271,6 +283,11 @@ def _rf(name, sampler):
     return Formulation(name, RectifiedPath(), "velocity", sampler, _w_rf, 1.0)
 
 
+def _x(name, sampler):
+    """x-prediction on the rf path with rf's velocity loss (its w_t for t >= X_T_MIN)."""
+    return Formulation(name, RectifiedPath(), "x", sampler, _w_rf, 1.0)
+
+
 def _edm(name, path):
     return Formulation(name, path, "edm", Uniform(), _w_edm, SIGMA_DATA**2 / 2)
 
@@ -289,9 +306,10 @@ _PLAIN = {
     "v/cos": lambda: Formulation("v/cos", CosinePath(), "v", Uniform(), _w_v_cos, math.pi / 2),
     "edm/rf": lambda: _edm("edm/rf", RFSigma()),
     "edm/cos": lambda: _edm("edm/cos", CosSigma()),
+    "x": lambda: _x("x", Uniform()),
 }
-_CALL = re.compile(r"(rf/lognorm|rf/mode|edm)(?:\((.*)\))?")
-_ARGS = {"rf/lognorm": ("m", "s"), "rf/mode": ("s",), "edm": ("Pm", "Ps")}
+_CALL = re.compile(r"(rf/lognorm|x/lognorm|rf/mode|edm)(?:\((.*)\))?")
+_ARGS = {"rf/lognorm": ("m", "s"), "x/lognorm": ("m", "s"), "rf/mode": ("s",), "edm": ("Pm", "Ps")}
 
 
 def _bad(name, why, known=True):
@@ -320,10 +338,10 @@ def _parse(name: str) -> Formulation:
     return _KIND[kind](name, *args)
 
 
-def _lognorm(name, m, s):
+def _lognorm(name, m, s, kind="rf"):
     if not s > 0:
         raise _bad(name, f"lognorm scale s must be > 0, got {s}")
-    return _rf(f"rf/lognorm({_fmt(m)}, {_fmt(s)})", LogitNormal(m, s))
+    return (_x if kind == "x" else _rf)(f"{kind}/lognorm({_fmt(m)}, {_fmt(s)})", LogitNormal(m, s))
 
 
 def _mode(name, s):
@@ -340,7 +358,8 @@ def _edm_lognormal(name, p_mean, p_std):
     return _edm(f"edm({_fmt(p_mean)}, {_fmt(p_std)})", LogNormalSigma(p_mean, p_std))
 
 
-_KIND = {"rf/lognorm": _lognorm, "rf/mode": _mode, "edm": _edm_lognormal}
+_KIND = {"rf/lognorm": _lognorm, "x/lognorm": lambda name, m, s: _lognorm(name, m, s, "x"), "rf/mode": _mode,
+         "edm": _edm_lognormal}
 
 # Grid points where docs/paper.md §3 gives only ranges (docs/formulations.md): every Table 1 entry is on them.
 MODE_S = [round(-1 + k * 2.75 / 6, 2) for k in range(7)] + [1.0]  # 7 evenly spaced in [-1, 1.75], plus 1.0 (0 is rf)

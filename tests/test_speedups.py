@@ -139,3 +139,53 @@ def test_short_text_spec():
     assert enc.seq_len == 16 and context.shape == (1, 16, 384)
     with pytest.raises(ValueError, match="length must be"):
         load_text_encoder("minilm:length=1")
+
+
+def test_x_prediction_is_rf_with_x0_as_output():
+    """x/lognorm(m, s): the network predicts x0, trained with rf's velocity loss ||(x0_hat - x0) / t||^2 (t floored
+    at X_T_MIN); its velocity and denoised values are rf's for the velocity that x0_hat implies."""
+    from rectflow.flow import X_T_MIN
+    f, rf = Formulation.from_name("x/lognorm(0, 1)"), Formulation.from_name("rf/lognorm(0.00, 1.00)")
+    assert f.name == "x/lognorm(0.00, 1.00)" and Formulation.from_name("x").name == "x"
+    g = torch.Generator().manual_seed(0)
+    x0, eps, x_hat = (torch.randn(4, 3, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0.01, 0.2, 0.5, 0.9])
+    z = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * eps
+    v_hat = (z - x_hat) / t.view(-1, 1, 1, 1)  # the velocity x_hat implies
+    want = ((x_hat - x0) / t.clamp_min(X_T_MIN).view(-1, 1, 1, 1)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(f.loss(x_hat, x0, eps, t), want)
+    torch.testing.assert_close(f.loss(x_hat, x0, eps, t)[1:], rf.loss(v_hat, x0, eps, t)[1:])  # t >= X_T_MIN
+    torch.testing.assert_close(f.velocity(x_hat, z, t), v_hat, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(f.denoise(x_hat, z, t)[1], rf.denoise(v_hat, z, t)[1], rtol=1e-5, atol=1e-4)
+    assert torch.equal(f.target(x0, eps, t), x0) and f.sample_t(3, torch.Generator().manual_seed(0)).shape == (3,)
+    with pytest.raises(ValueError, match="x/lognorm"):
+        Formulation.from_name("x/lognorm(0)")
+
+
+def test_dispersive_loss_by_hand():
+    """log mean_ij exp(-||h_i - h_j||^2 / d) over all pairs, diagonal included; spread-out batches score lower."""
+    from rectflow.training.model import dispersive_loss
+    h = torch.tensor([[[0.0, 0.0]], [[1.0, 1.0]], [[0.0, 2.0]]])  # d = 2
+    d2 = torch.tensor([[0, 1, 2], [1, 0, 1], [2, 1, 0]], dtype=torch.float)  # squared distances / 2
+    want = torch.log(torch.exp(-d2).mean())
+    torch.testing.assert_close(dispersive_loss(h), want)
+    assert dispersive_loss(h * 3) < dispersive_loss(h) < 0 == dispersive_loss(torch.zeros(3, 2)).item()
+
+
+def test_dispersive_and_x_prediction_train_and_resume(tmp_path):
+    """A run with the dispersive loss on x-prediction logs the dispersive term, and resumed from its middle
+    checkpoint it logs the uninterrupted losses; lambda shifts the gradients, not the logged flow loss at step 1."""
+    import json
+    cfg = tiny(max_steps=4, checkpoint_every=2, warmup_steps=0, dispersive=0.5, formulation="x/lognorm(0, 1)",
+               lr_schedule="constant")
+    train(cfg, tmp_path / "ref")
+    train(dataclasses.replace(cfg, max_steps=2), tmp_path / "cut")
+    train(cfg, tmp_path / "cut", resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
+    recs = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["dispersive_loss"] < 0 for r in recs)
+    train(dataclasses.replace(cfg, dispersive=0.0, max_steps=2), tmp_path / "plain")
+    plain = losses(tmp_path / "plain")
+    assert plain[0] == losses(tmp_path / "ref")[0] and plain[1] != losses(tmp_path / "ref")[1]
+    with pytest.raises(ValueError, match="'dispersive'"):
+        train(dataclasses.replace(cfg, dispersive=-1.0), tmp_path / "bad")

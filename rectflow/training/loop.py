@@ -48,8 +48,8 @@ from rectflow.training.data import (ENDLESS, Batches, TextFeatures, all_captions
 from rectflow.training.dpo import pair_losses
 from rectflow.training.finetune import (LoRATraining, attach_lora, check_fits, init_shapes, init_weights_path,
                                         load_init)
-from rectflow.training.model import (build_model, compute_loss, context_splits, negative_indices, route_blocks,
-                                     route_indices)
+from rectflow.training.model import (block_output, build_model, compute_loss, context_splits, dispersive_loss,
+                                     negative_indices, route_blocks, route_indices)
 from rectflow.training.parallel import (OPTIMIZER_FORMAT, all_finite, device_mesh, full_model_state,
                                         full_optimizer_state, load_full_optimizer_state, load_full_state, reshard,
                                         shard)
@@ -389,7 +389,7 @@ class Trainer:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # prior loss, DPO pairs won, DPO margin
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # prior, DPO won, DPO margin, dispersive
         prior = self.prior.step_inputs(step, B, self.formulation, self.device) if self.prior else None
         data_wait, seen = 0.0, []  # seconds this step waited for its inputs; (slot, sample ids) per micro-batch
         for a in range(cfg.grad_accum):
@@ -431,6 +431,8 @@ class Trainer:
                  **self._data_metrics(seen)}
         if dpo:  # the share of pairs the policy prefers more than the reference does, and the mean margin
             extra.update(dpo_accuracy=sums[1], dpo_margin=sums[2])
+        if cfg.dispersive:
+            extra["dispersive_loss"] = sums[3]
         return {"step": self.step, "loss": loss if ok else None, "lr": lr, **extra,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 **({} if ok else {"nonfinite": True, "bad_loss": repr(loss), "bad_grad_norm": repr(grad_norm)})}
@@ -445,16 +447,24 @@ class Trainer:
     def _micro_loss(self, step: int, lo: int, x0, captions, context, pooled, eps, t, prior, sums):
         """(per-sample losses, what to backpropagate) of the micro-batch at batch slot lo: the formulation's loss
         with the learning-speed options, or DPO's per pair (x0 holds each pair's preferred and rejected image in
-        turn), plus prior preservation's class loss. sums accumulates [class loss, DPO pairs won, DPO margin]."""
+        turn), plus prior preservation's class loss. sums accumulates [class loss, DPO pairs won, DPO margin,
+        dispersive loss x samples]."""
         cfg = self.cfg
         if cfg.objective == "dpo":
             per_sample, margin = pair_losses(self.net, self.model, self.formulation, x0[0::2], x0[1::2], context,
                                              pooled, t, eps, cfg.bf16, cfg.dpo_beta)
-            sums[1:] += torch.stack([(margin > 0).sum(), margin.sum()]).detach().double()
+            sums[1:3] += torch.stack([(margin > 0).sum(), margin.sum()]).detach().double()
+            total = per_sample.sum()
         else:
-            per_sample = compute_loss(self.net, self.formulation, x0, context, pooled, t, eps, cfg.bf16,
-                                      **self._speedups(step, lo, x0, captions))
-        total = per_sample.sum()
+            middle = self.model.joint_blocks[len(self.model.joint_blocks) // 2]
+            with block_output(middle) if cfg.dispersive else contextlib.nullcontext() as seen:
+                per_sample = compute_loss(self.net, self.formulation, x0, context, pooled, t, eps, cfg.bf16,
+                                          **self._speedups(step, lo, x0, captions))
+            total = per_sample.sum()
+            if cfg.dispersive:  # a batch-level term, weighted per sample like the sum above
+                disp = dispersive_loss(seen["x"])
+                total = total + cfg.dispersive * len(per_sample) * disp
+                sums[3] += disp.detach().double() * len(per_sample)
         if prior is not None:  # the class images of this slice, their dropout seeded past the instances'
             sl, B = slice(lo, lo + self.micro), cfg.batch_size
             c_ctx, c_pooled = self._conditioning([cfg.class_prompt] * self.micro, step,

@@ -4,6 +4,7 @@ training loss of one batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -68,6 +69,27 @@ def compute_loss(model, formulation, x0, context, pooled, t, eps, bf16: bool, ne
             out = model(z_in, t_in, context, pooled, **model_kw)
         return out.float()
     return formulation.training_loss(model_fn, x0, t=t, eps=eps, negatives=negatives, contrastive=contrastive)
+
+
+def dispersive_loss(h: torch.Tensor) -> torch.Tensor:
+    """Dispersive loss (Wang & He 2025, InfoNCE with L2 distance and no positives) of representations h [B, ...]:
+    log of the mean over all B x B pairs (the diagonal's zeros included) of exp(-||h_i - h_j||^2 / d), d the
+    flattened size. Lowest when the batch's representations lie far apart."""
+    flat = h.flatten(1).float()
+    d2 = torch.cdist(flat, flat).pow(2) / flat.shape[1]
+    return torch.logsumexp(-d2.flatten(), 0) - math.log(d2.numel())
+
+
+@contextlib.contextmanager
+def block_output(block: torch.nn.Module):
+    """Capture a joint block's image-token output during the forward passes inside the context: yields a dict
+    whose "x" is the last one."""
+    seen: dict = {}
+    handle = block.register_forward_hook(lambda module, args, out: seen.__setitem__("x", out[1]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def negative_indices(captions: list[str]) -> torch.Tensor:
