@@ -6,7 +6,10 @@ already normalised (scale and shift applied), and back:
     Identity()                 pixel space: channels 3, factor 1
     SD3VAE.from_folder(DIR)    the released 16-channel SD3 VAE (diffusers AutoencoderKL), z = (mean - shift) * scale
     SmallAE(channels, factor)  a small conv autoencoder trained here (train_small_ae), saved as safetensors
-    load_autoencoder("identity" | "sd3-vae:DIR" | "small:PATH.safetensors")
+    load_autoencoder("identity" | "sd3-vae:DIR" | "small:PATH.safetensors" | "shapes-ae")
+
+"shapes-ae" is the SmallAE shipped in rectflow/assets/shapes_ae.safetensors (4 channels, factor 4, width 32), trained
+on the built-in shapes by scripts/train_shapes_ae.py; its reconstructions read back exactly by the shapes detector.
 
 encode_dataset() encodes a data set once into a latent file, so training on latents skips the encoder.
 """
@@ -317,13 +320,22 @@ def load_latents(path: str | Path) -> dict:
             "metas": json.loads(metadata.get("metas", "[]")), "autoencoder": metadata.get("autoencoder", "")}
 
 
+SHAPES_AE = Path(__file__).parent / "assets" / "shapes_ae.safetensors"
+
+
 def load_autoencoder(spec: str, dtype: torch.dtype | None = None) -> Autoencoder:
-    """'identity', 'sd3-vae:DIR' (diffusers AutoencoderKL folder or pipeline folder) or 'small:PATH.safetensors'."""
+    """'identity', 'sd3-vae:DIR' (diffusers AutoencoderKL folder or pipeline folder), 'small:PATH.safetensors' or
+    'shapes-ae' (the shipped SmallAE of the built-in shapes)."""
     kind, _, rest = spec.partition(":")
     if spec == "identity":
         return Identity()
+    if spec == "shapes-ae":
+        model = SmallAE.from_file(SHAPES_AE)
+        model.spec = spec  # a run's config names the shipped file, wherever the package is installed
+        return model
     if kind == "sd3-vae" and rest:
         return SD3VAE.from_folder(rest, dtype=dtype)
     if kind == "small" and rest:
         return SmallAE.from_file(rest)
-    raise ValueError(f"unknown autoencoder spec {spec!r}: expected 'identity', 'sd3-vae:DIR' or 'small:PATH'")
+    raise ValueError(f"unknown autoencoder spec {spec!r}: expected 'identity', 'sd3-vae:DIR', 'small:PATH' or "
+                     f"'shapes-ae'")

@@ -189,3 +189,17 @@ def test_dispersive_and_x_prediction_train_and_resume(tmp_path):
     assert plain[0] == losses(tmp_path / "ref")[0] and plain[1] != losses(tmp_path / "ref")[1]
     with pytest.raises(ValueError, match="'dispersive'"):
         train(dataclasses.replace(cfg, dispersive=-1.0), tmp_path / "bad")
+
+
+def test_shipped_shapes_autoencoder_reads_back_exactly():
+    """autoencoder 'shapes-ae': the shipped SmallAE's reconstructions of validation scenes are read back exactly by
+    the shapes detector, and a run's config keeps the spec's name (not the install path)."""
+    import sys
+    from pathlib import Path
+    from rectflow.autoencoder import load_autoencoder
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from train_shapes_ae import check
+    ae = load_autoencoder("shapes-ae")
+    assert ae.spec == "shapes-ae" and (ae.channels, ae.factor) == (4, 4)
+    exact, psnr = check(ae, n=40)
+    assert exact == 1.0 and psnr > 35

@@ -37,6 +37,9 @@ VARIANTS: dict[str, dict] = {
     "power-ema": {"ema_power": 6.94},                     # EDM2's sigma_rel 0.10
     "routing": {"route_fraction": 0.5, "route_start": 1, "route_end": -1},  # TREAD: half the tokens skip 1-4
     "registers": {"registers": 4},
+    "x-pred": {"formulation": "x/lognorm(0.00, 1.00)"},  # JiT: the network outputs x0, rf's velocity loss
+    "dispersive": {"dispersive": 0.5},                   # Wang & He: the middle block's tokens pushed apart
+    "latent": {"autoencoder": "shapes-ae", "patch_size": 1},  # the shipped 8x8x4 SmallAE: 64 tokens, as the pixels
 }
 VARIANTS["combined"] = {k: v for name in ("text-16", "contrastive", "muon", "power-ema", "routing")
                         for k, v in VARIANTS[name].items()}
