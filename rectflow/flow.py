@@ -227,8 +227,8 @@ class Formulation:
         return err
 
     def contrastive_loss(self, net_out, x0, eps, t, negatives: torch.Tensor, weight: float):
-        """Contrastive flow matching (docs/training.md "Learning speed"): the loss minus weight x the same error measured
-        against the target of sample negatives[i] (its data and noise, at sample i's t), which pushes each
+        """Contrastive flow matching (docs/training.md "Learning speed"): the loss minus weight x the same error
+        measured against the target of sample negatives[i] (its data and noise, at sample i's t), which pushes each
         prediction away from other captions' flows. A sample that is its own negative keeps the plain loss."""
         loss = self.loss(net_out, x0, eps, t)
         away = self._error(net_out, x0[negatives], eps[negatives], t)
