@@ -456,8 +456,7 @@ class Trainer:
             sums[1:3] += torch.stack([(margin > 0).sum(), margin.sum()]).detach().double()
             total = per_sample.sum()
         else:
-            middle = self.model.joint_blocks[len(self.model.joint_blocks) // 2]
-            with block_output(middle) if cfg.dispersive else contextlib.nullcontext() as seen:
+            with self._middle_output() as seen:
                 per_sample = compute_loss(self.net, self.formulation, x0, context, pooled, t, eps, cfg.bf16,
                                           **self._speedups(step, lo, x0, captions))
             total = per_sample.sum()
@@ -474,6 +473,12 @@ class Trainer:
             total = total + cfg.prior_weight * class_loss.sum()
             sums[0] += class_loss.detach().double().sum()
         return per_sample, total
+
+    def _middle_output(self):
+        """The dispersive loss's capture of the middle joint block's image tokens (a no-op context without it)."""
+        if not self.cfg.dispersive:
+            return contextlib.nullcontext()
+        return block_output(self.model.joint_blocks[len(self.model.joint_blocks) // 2])
 
     def _speedups(self, step: int, lo: int, x0: torch.Tensor, captions: list[str]) -> dict:
         """compute_loss options of the learning-speed settings (docs/training.md "Learning speed"): contrastive flow
