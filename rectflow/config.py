@@ -240,13 +240,11 @@ class TrainConfig:
             raise ValueError(f"config key 'contrastive': expected a weight in [0, 1), got {self.contrastive!r}")
         if self.dispersive < 0:
             raise ValueError(f"config key 'dispersive': expected a weight >= 0, got {self.dispersive!r}")
-        if self.dispersive and self.arch != "mmdit":
-            raise ValueError(f"config key 'dispersive': an MM-DiT option (its middle joint block); arch {self.arch!r}")
         if not 0.0 <= self.route_fraction < 1.0:
             raise ValueError(f"config key 'route_fraction': expected a share in [0, 1), got {self.route_fraction!r}")
-        if self.arch != "mmdit" and (self.registers or self.route_fraction):
-            raise ValueError(f"config keys 'registers' / 'route_fraction': MM-DiT options; arch {self.arch!r} has "
-                             f"neither")
+        if self.arch != "mmdit" and (self.registers or self.route_fraction or self.dispersive):
+            raise ValueError(f"config keys 'registers' / 'route_fraction' / 'dispersive': MM-DiT options (joint "
+                             f"blocks); arch {self.arch!r} has none of them")
         if self.optimizer == "muon" and self.parallel != "ddp":
             raise ValueError(f"config key 'optimizer': muon is not available with parallel {self.parallel} (its "
                              f"orthogonalisation needs whole matrices); use adamw")
