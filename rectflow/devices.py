@@ -1,5 +1,8 @@
-"""The one device resolver: a `--device` / config value ('auto', 'cpu', 'cuda', 'cuda:N') to a torch.device."""
+"""The one device resolver: a `--device` / config value ('auto', 'cpu', 'cuda', 'cuda:N') to a torch.device;
+and whether a device runs bf16 natively."""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -27,3 +30,20 @@ def resolve_device(spec: str | torch.device = "auto", local_rank: int | None = N
     if device.type == "cuda" and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device runs bf16 matmuls natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX
+    (elsewhere CPU bf16 is emulated: 1024^2 matmuls ran at 0.9 GFLOPS against 79 in fp32 on an AVX2-only EPYC).
+    RECTFLOW_CPU_BF16=1 or 0 overrides the CPU check."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    forced = os.environ.get("RECTFLOW_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not any(checks):  # a torch without these probes: assume native, as before
+        return True
+    return any(check() for check in checks if check is not None)

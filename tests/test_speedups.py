@@ -203,3 +203,27 @@ def test_shipped_shapes_autoencoder_reads_back_exactly():
     assert ae.spec == "shapes-ae" and (ae.channels, ae.factor) == (4, 4)
     exact, psnr = check(ae, n=40)
     assert exact == 1.0 and psnr > 35
+
+
+def test_muon_fp32_iterations_match_torchs_bf16_ones():
+    """On a CPU that emulates bf16, Muon runs its Newton-Schulz iterations in fp32 (rectflow.training.optim.Muon):
+    the same orthogonalisation as torch's bf16 one up to bf16 rounding, for wide and tall matrices."""
+    from torch.optim import _muon
+
+    from rectflow.training.optim import Muon, newton_schulz_fp32
+    g = torch.Generator().manual_seed(0)
+    for shape in ((16, 48), (48, 16)):
+        grad = torch.randn(shape, generator=g)
+        args = ((_muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C), _muon.DEFAULT_NS_STEPS, 1e-7)
+        ours, torchs = newton_schulz_fp32(grad, *args), _muon._zeropower_via_newtonschulz(grad, *args).float()
+        assert ours.dtype == torch.float32 and ours.shape == shape
+        assert (ours - torchs).abs().max() < 0.05 and (ours - torchs).abs().mean() < 0.01
+    start = torch.randn(16, 48, generator=g)
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    for w in weights:
+        w.grad = torch.ones_like(w).cumsum(0)
+    Muon([weights[0]], fp32_iterations=True, lr=0.1).step()
+    Muon([weights[1]], fp32_iterations=False, lr=0.1).step()
+    assert _muon._zeropower_via_newtonschulz is not newton_schulz_fp32  # restored after the step
+    assert not torch.equal(weights[0], weights[1])
+    torch.testing.assert_close(weights[0], weights[1], atol=2e-3, rtol=0)

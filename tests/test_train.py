@@ -636,3 +636,18 @@ def test_sharded_checkpoints_resume_exactly_and_load_everywhere(tmp_path):
     assert main(["sample", "--run", str(ref), "--prompt", "a red circle", "--steps", "2",
                  "--out", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_that_emulates_it(tmp_path, monkeypatch, capsys):
+    """On a CPU without native bf16 (rectflow.devices.native_bf16) bf16: true trains in fp32 and says so; the
+    config keeps bf16: true, so the same run resumes on a machine that has it."""
+    from rectflow.devices import native_bf16
+    monkeypatch.setenv("RECTFLOW_CPU_BF16", "0")
+    assert not native_bf16(torch.device("cpu"))
+    fallback = _run_losses(tmp_path, "fallback", bf16=True)
+    assert "no native bf16" in capsys.readouterr().err
+    assert load_config(tmp_path / "fallback" / "config.yaml").bf16 is True
+    assert fallback == _run_losses(tmp_path, "fp32", bf16=False)
+    monkeypatch.setenv("RECTFLOW_CPU_BF16", "1")
+    assert native_bf16(torch.device("cpu"))
+    assert _run_losses(tmp_path, "bf16", bf16=True) != fallback

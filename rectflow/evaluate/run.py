@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from rectflow.data import get_dataset
@@ -30,6 +31,7 @@ from rectflow.data.shapes import CATEGORIES
 from rectflow.devices import resolve_device
 from rectflow.evaluate import val_loss
 from rectflow.evaluate.features import load_encoder
+from rectflow.evaluate.nearest import glyph_prompts, nearest_top1, reference_features
 from rectflow.evaluate.protocol import (  # noqa: F401  (Setting, fingerprint: also this module's API)
     Setting,
     eval_set,
@@ -104,12 +106,14 @@ def evaluate_run(run: str | None, samples: int = 120, settings: list[tuple[int, 
     prompt_features = encoder.text_features(prompts)
     val = get_dataset(data, pipe.resolution, split="val", seed=0, **options)
     val_inputs = val_loss.validation_inputs(val, val_samples, pipe.text_encoder, pipe.autoencoder, device)
+    glyphs = glyph_set(encoder, data, pipe.resolution, samples, seed, options)
 
     jobs = [Setting(w, steps, scale) for w in weights for steps, scale in settings]
     batches = range(0, len(prompts), batch_size)
-    bar = tqdm(total=len(jobs) * len(batches), unit="batch", desc="rectflow eval", disable=not progress)
+    per_job = len(batches) * (2 if glyphs else 1)
+    bar = tqdm(total=len(jobs) * per_job, unit="batch", desc="rectflow eval", disable=not progress)
     report = {"run": str(run or checkpoint), "encoder": encoder.name, "val_loss": {}, "fid": {}, "clip_score": {},
-              "geneval": {} if metas is not None else None, "results": []}
+              "geneval": {} if metas is not None else None, "glyph_top1": {} if glyphs else None, "results": []}
     checkpoints = {}
     for i, w in enumerate(weights):
         if i:  # load_pipeline loaded the first weight set
@@ -124,12 +128,23 @@ def evaluate_run(run: str | None, samples: int = 120, settings: list[tuple[int, 
                       **score_images(images, prompt_features, encoder, reference["fit"], metas)}
             if metas is not None:
                 report["geneval"][job.label] = result["geneval"]
+            if glyphs:
+                drawn = generate_images(pipe, glyphs["prompts"], job, shift=shift, seed=seed, batch_size=batch_size,
+                                        bf16=bf16, on_batch=lambda: bar.update(1))
+                result["glyph_top1"] = nearest_top1(encoder.image_features(drawn), glyphs["prompts"],
+                                                    glyphs["features"], glyphs["captions"])
+                report["glyph_top1"][job.label] = result["glyph_top1"]["top1"]
             report["fid"][job.label], report["clip_score"][job.label] = result["fid"], result["clip_score"]
             report["results"].append(result)
     bar.close()
     # the same metrics for real images of the same prompts: the floor of FID and ceiling of the others at this N
     truth = ground_truth_images(data, pipe.resolution, len(prompts), metas, options)
     report["ground_truth"] = score_images(truth, prompt_features, encoder, reference["fit"], metas)
+    if glyphs:  # the training glyphs themselves: 1.0 unless two glyphs share features
+        where = {c: i for i, c in enumerate(glyphs["captions"])}
+        real = torch.stack([glyphs["train"][where[p]]["image"] for p in glyphs["prompts"]])
+        report["ground_truth"]["glyph_top1"] = nearest_top1(encoder.image_features(real), glyphs["prompts"],
+                                                            glyphs["features"], glyphs["captions"])
     report["settings"] = {
         "samples": len(prompts),
         "prompts": "shapes.eval_prompts (GenEval set)" if metas is not None else "val captions",
@@ -142,6 +157,16 @@ def evaluate_run(run: str | None, samples: int = 120, settings: list[tuple[int, 
     }
     report["elapsed_s"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def glyph_set(encoder, data: str, resolution: int, n: int, seed: int, options: dict) -> dict | None:
+    """On emoji, the nearest-glyph top-1 inputs (rectflow.evaluate.nearest): n training-glyph prompts and the
+    encoder's features of every training glyph; None on other data."""
+    if data != "emoji":
+        return None
+    train = get_dataset(data, resolution, split="train", seed=0, **options)
+    return {"train": train, "prompts": glyph_prompts(train, n, seed), "captions": list(train.captions),
+            "features": reference_features(encoder, train)}
 
 
 # ---------------------------------------------------------------- outputs
@@ -169,6 +194,9 @@ def markdown(report: dict) -> str:
     head = ["weights", "steps", "CFG", f"FID ({report['encoder']})", f"CLIP score ({report['encoder']})"]
     if geneval:
         head += ["GenEval overall", *CATEGORIES]
+    glyphs = report.get("glyph_top1") is not None
+    if glyphs:
+        head.append("glyph top-1")
     lines += ["", "## Samples", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     truth = {**report["ground_truth"], "weights": "real images", "steps": "-", "cfg": "-"}
     for r in report["results"] + [truth]:
@@ -176,10 +204,17 @@ def markdown(report: dict) -> str:
                _fmt(r["clip_score"], 2)]
         if geneval:
             row += [_fmt(r["geneval"]["overall"])] + [_fmt(r["geneval"].get(c)) for c in CATEGORIES]
+        if glyphs:
+            row.append(_fmt(r["glyph_top1"]["top1"]))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "The last row scores real images of the same prompts (renders of the shapes scenes, or the "
               "validation images the captions belong to, which are also in the FID reference): the FID floor and the "
               "CLIP score at this sample count."]
+    if glyphs:
+        n = report["ground_truth"]["glyph_top1"]["n"]
+        lines += ["", f"Glyph top-1 (rectflow.evaluate.nearest): {n} more samples per setting, prompted with training "
+                  "glyphs' captions; the share whose nearest training glyph (cosine of the encoder's image features) "
+                  f"is the prompted one. Chance: {report['ground_truth']['glyph_top1']['chance']:.5f}."]
     return "\n".join(lines) + "\n"
 
 

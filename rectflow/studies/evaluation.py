@@ -83,7 +83,7 @@ class Evaluation:
         model = {"ema": trainer.ema, "raw": trainer.model}[setting.weights].eval()
         pipe = Pipeline(model, trainer.formulation, trainer.text, trainer.autoencoder, self.resolution)
         return generate_images(pipe, self.captions, setting, shift=trainer.cfg.shift, seed=self.opts.seed,
-                               batch_size=EVAL_BATCH, bf16=trainer.cfg.bf16)
+                               batch_size=EVAL_BATCH, bf16=trainer.bf16)
 
     def evaluate(self, trainer, run_dir: Path, settings: list[Setting]) -> dict:
         """Scores per setting, each cached in run_dir/eval/<key>.json (an interrupted evaluation resumes; files
@@ -156,7 +156,7 @@ class ValLossCurve:
         rec = {"step": trainer.step}
         for weights, model in (("ema", trainer.ema), ("raw", trainer.model)):
             was_training = model.training
-            out = validation_loss(model.eval(), trainer.formulation, *self._inputs, seed=self.seed, bf16=cfg.bf16)
+            out = validation_loss(model.eval(), trainer.formulation, *self._inputs, seed=self.seed, bf16=trainer.bf16)
             model.train(was_training)
             rec[weights], rec[f"{weights}_levels"] = out["mean"], out["loss"]
         with open(self.path, "a") as fh:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from rectflow.autoencoder import load_autoencoder
 from rectflow.config import TrainConfig
 from rectflow.data import get_dataset
-from rectflow.devices import resolve_device
+from rectflow.devices import native_bf16, resolve_device
 from rectflow.evaluate.val_loss import validation_inputs, validation_loss
 from rectflow.files import write_text_atomic
 from rectflow.flow import Formulation
@@ -105,6 +105,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg.validate(), Path(run_dir)
         self.ctx = distributed.init(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device, self.ctx.local_rank if self.ctx.enabled else None)
+        self.bf16 = self._autocast_bf16()
         world = self.ctx.world_size
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ValueError(f"config key 'batch_size': {cfg.batch_size} is not divisible by "
@@ -158,7 +159,7 @@ class Trainer:
         if cfg.class_prompt is not None:  # drawn by the model as loaded: the base (a resume loads its weights later)
             self.prior = PriorPreservation(cfg, init_path, self.latent_shape, self.cache_dir)
             self.model.eval()
-            self.prior.prepare(self._pipeline(self.model), self._sample_settings(), self.ctx, self.run_dir, cfg.bf16)
+            self.prior.prepare(self._pipeline(self.model), self._sample_settings(), self.ctx, self.run_dir, self.bf16)
             self.model.train()
         self._parallelize()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -172,6 +173,19 @@ class Trainer:
             self._resume(from_last_good)
 
     # ---- construction
+
+    def _autocast_bf16(self) -> bool:
+        """cfg.bf16, except on a CPU that only emulates bf16 (rectflow.devices.native_bf16), where it runs ~90x
+        slower than fp32: a from-scratch run there trains in fp32 and says so. Fine-tunes and FSDP mixed precision
+        keep bf16 (their bf16 weights need it)."""
+        cfg = self.cfg
+        if not cfg.bf16 or cfg.init or cfg.fsdp_mixed_precision or native_bf16(self.device):
+            return cfg.bf16
+        if self.ctx.is_main:
+            print("rectflow train: bf16: true, but this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 "
+                  "matmuls run ~90x slower than fp32: training in fp32 (RECTFLOW_CPU_BF16=1 forces bf16)",
+                  file=sys.stderr)
+        return False
 
     def _latent_side(self) -> int:
         """The latent side of the square resolution (the pixel budget of buckets), checked against the grid."""
@@ -230,7 +244,7 @@ class Trainer:
                              f"computes; this run computes on {self.device} (set it to false)")
         if self.fsdp:
             mesh = device_mesh(cfg.parallel, self.ctx.world_size, cfg.fsdp_shard_size, self.device.type)
-            mixed = cfg.bf16 if cfg.fsdp_mixed_precision is None else cfg.fsdp_mixed_precision
+            mixed = self.bf16 if cfg.fsdp_mixed_precision is None else cfg.fsdp_mixed_precision
             shard(self.model, mesh, mixed, cfg.fsdp_cpu_offload)
             if self.ema is not None:
                 shard(self.ema, mesh, cpu_offload=cfg.fsdp_cpu_offload)
@@ -452,12 +466,12 @@ class Trainer:
         cfg = self.cfg
         if cfg.objective == "dpo":
             per_sample, margin = pair_losses(self.net, self.model, self.formulation, x0[0::2], x0[1::2], context,
-                                             pooled, t, eps, cfg.bf16, cfg.dpo_beta)
+                                             pooled, t, eps, self.bf16, cfg.dpo_beta)
             sums[1:3] += torch.stack([(margin > 0).sum(), margin.sum()]).detach().double()
             total = per_sample.sum()
         else:
             with self._middle_output() as seen:
-                per_sample = compute_loss(self.net, self.formulation, x0, context, pooled, t, eps, cfg.bf16,
+                per_sample = compute_loss(self.net, self.formulation, x0, context, pooled, t, eps, self.bf16,
                                           **self._speedups(step, lo, x0, captions))
             total = per_sample.sum()
             if cfg.dispersive:  # a batch-level term, weighted per sample like the sum above
@@ -469,7 +483,7 @@ class Trainer:
             c_ctx, c_pooled = self._conditioning([cfg.class_prompt] * self.micro, step,
                                                  range(B + lo, B + lo + self.micro))
             class_loss = compute_loss(self.net, self.formulation, prior[0][sl], c_ctx, c_pooled, prior[1][sl],
-                                      prior[2][sl], cfg.bf16)
+                                      prior[2][sl], self.bf16)
             total = total + cfg.prior_weight * class_loss.sum()
             sums[0] += class_loss.detach().double().sum()
         return per_sample, total
@@ -579,7 +593,7 @@ class Trainer:
             return {}
         with self._weights() as net:
             was_training = net.training
-            result = validation_loss(net.eval(), self.formulation, *self._val, seed=self.cfg.seed, bf16=self.cfg.bf16)
+            result = validation_loss(net.eval(), self.formulation, *self._val, seed=self.cfg.seed, bf16=self.bf16)
             net.train(was_training)
         if self._writer is not None:
             for t, loss in zip(result["t"], result["loss"]):
@@ -606,7 +620,7 @@ class Trainer:
         settings = self._sample_settings()
         with self._weights() as net:
             was_training = net.training
-            images = generate(self._pipeline(net.eval()), self.prompts, bf16=self.cfg.bf16, **settings)
+            images = generate(self._pipeline(net.eval()), self.prompts, bf16=self.bf16, **settings)
             net.train(was_training)
         if not self.ctx.is_main:
             return None
