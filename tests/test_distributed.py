@@ -85,9 +85,10 @@ def _resume_worker(rank: int, world: int, port: int, out: str, cfg: dict) -> Non
 
 
 @pytest.mark.slow  # six spawned processes
-def test_hsdp_and_bf16_mixed_precision(tmp_path):
+def test_hsdp_and_bf16_mixed_precision(tmp_path, monkeypatch):
     """hsdp (replicated across 2 groups of 1) gives the fp32 losses of one process; FSDP2's bf16 parameters with
     fp32 reduction stay within bf16 noise of one process under bf16 autocast."""
+    monkeypatch.setenv("RECTFLOW_CPU_BF16", "1")  # bf16 also on a CPU that emulates it (the spawned ranks inherit it)
     runs = {"one": ({**CFG}, 1), "hsdp": ({**CFG, "parallel": "hsdp", "fsdp_shard_size": 1}, 2),
             "one_bf16": ({**CFG, "bf16": True}, 1), "mixed": ({**CFG, "parallel": "fsdp", "bf16": True}, 2)}
     for name, (cfg, n) in runs.items():

@@ -535,8 +535,9 @@ def _run_losses(tmp_path, name: str, **changes) -> list:
 
 
 @pytest.mark.slow  # about twenty short training runs
-def test_every_option_acts(tmp_path):
+def test_every_option_acts(tmp_path, monkeypatch):
     """Each training option changes the run as it should (and grad checkpointing / accumulation do not)."""
+    monkeypatch.setenv("RECTFLOW_CPU_BF16", "1")  # bf16: true acts also on a CPU that emulates bf16
     base = _run_losses(tmp_path, "base", bf16=False)
     assert _run_losses(tmp_path, "again", bf16=False) == base  # deterministic
     assert _run_losses(tmp_path, "ckpt", bf16=False, grad_checkpointing=True) == base
