@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from rectflow.devices import native_bf16
 from rectflow.files import read_json, write_json, write_text_atomic
 from rectflow.studies import STUDIES
 from rectflow.studies.common import Run, StudyOptions, folder_name
@@ -245,7 +246,21 @@ def _device_words(opts: StudyOptions) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     n = torch.get_num_threads()
-    return f"CPU ({n} thread{'' if n == 1 else 's'})"
+    bf16 = "native bf16" if native_bf16(dev) else "bf16 emulated: fp32 training"
+    return f"CPU {cpu_model()} ({n} thread{'' if n == 1 else 's'}, {bf16})"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor(), else '?': CPU minutes differ
+    several-fold between machines, so a study's numbers name theirs."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
 
 
 def run_study(opts: StudyOptions, worker: tuple[int, int] = (0, 1), report_only: bool = False) -> dict:
