@@ -96,6 +96,7 @@ class Grid:
         self.by_name = {r.name: r for r in runs}
         self.root = opts.study_dir
         self.trained: list[str] = []  # runs this process executed
+        self.archive = archived_results(opts)
         folders = [folder_name(r.name) for r in runs]
         if len(set(folders)) != len(folders):
             raise ValueError(f"study {opts.study}: run names {[r.name for r in runs]} do not map to distinct folders")
@@ -106,7 +107,13 @@ class Grid:
 
     def result(self, run: Run) -> dict | None:
         """The finished run's result (scores in the shared metric keys, also for runs made before them), or None."""
-        return normalize_result(read_json(self.dir(run) / "result.json"))
+        local = normalize_result(read_json(self.dir(run) / "result.json"))
+        if local is not None:
+            return local
+        kept = self.archive.get(run.name)
+        if kept and kept.get("spec") == run.spec and kept.get("machine") == _device_words(self.opts):
+            return normalize_result(kept)
+        return None
 
     def _check_spec(self, run: Run) -> None:
         """A folder may only be resumed by the same run: compare spec.json (write it the first time)."""
@@ -137,7 +144,7 @@ class Grid:
             t0 = time.perf_counter()
             result = self.module.execute(run, self.dir(run), self.opts)
             write_json(self.dir(run) / "result.json", {**result, "wall_seconds": time.perf_counter() - t0,
-                                                       "machine": _device_words(self.opts)})
+                                                       "machine": _device_words(self.opts), "spec": run.spec})
             self.trained.append(run.name)
             return True
         finally:
@@ -158,6 +165,15 @@ class Grid:
     def results(self) -> dict[str, dict]:
         """name -> result of every finished run."""
         return {r.name: res for r in self.runs if (res := self.result(r)) is not None}
+
+
+def archived_results(opts: StudyOptions) -> dict[str, dict]:
+    """The runs kept in the study's earlier report (OUT/STUDY/results.json, committed with the report): a run found
+    there with its spec and this machine's description counts as finished, so a study of more runs than one session
+    can train (on a 2-core machine: seeds of 30-odd runs) grows across sessions on the same kind of machine; results
+    made elsewhere or with other options are done again."""
+    data = read_json(Path(opts.out) / opts.study / "results.json") or {}
+    return {name: res for name, res in (data.get("runs") or {}).items() if isinstance(res, dict) and "spec" in res}
 
 
 def reproduce_command(opts: StudyOptions) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import types
@@ -337,3 +338,26 @@ def test_no_study_run_has_a_patch_wider_than_its_hidden_width(tmp_path):
             if "train" in run.spec:
                 t, channels = run.spec["train"], run.spec.get("channels", 3)
                 assert t["patch_size"] ** 2 * channels <= t["hidden"], (study, run.name)
+
+
+def test_runs_kept_in_the_report_count_as_finished_on_the_same_machine(tmp_path):
+    """A new session (empty runs folder) continues a study from its committed results.json: runs kept there with
+    the same spec and machine are not redone; a changed spec or another machine's result is."""
+    calls: list = []
+    opts = StudyOptions("fake", runs_dir=tmp_path / "session1", out=tmp_path / "out")
+    grid = ablate.Grid(fake_study(calls), opts, fake_runs()[:2])
+    grid.work((0, 1))
+    ablate.write_report(fake_study(calls), opts, grid)
+    assert calls == ["a", "b/c"]
+    saved = json.loads((opts.out / "fake" / "results.json").read_text())
+    assert saved["runs"]["a"]["spec"] == {"x": 1}
+    saved["runs"]["b/c"]["machine"] = "another CPU"
+    (opts.out / "fake" / "results.json").write_text(json.dumps(saved))
+    later = dataclasses.replace(opts, runs_dir=tmp_path / "session2")
+    runs = [Run("a", {"x": 1}), Run("b/c", {"x": 2}), Run("e", {"x": 4})]
+    grid = ablate.Grid(fake_study(calls), later, runs)
+    grid.work((0, 1))
+    assert calls == ["a", "b/c", "b/c", "e"]  # a kept; b/c (other machine) and the new e trained
+    assert sorted(grid.results()) == ["a", "b/c", "e"]
+    changed = ablate.Grid(fake_study(calls), dataclasses.replace(opts, runs_dir=tmp_path / "s3"), [Run("a", {"x": 9})])
+    assert changed.result(changed.runs[0]) is None
