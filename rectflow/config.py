@@ -46,7 +46,8 @@ class TrainConfig:
     resolution: int = _f(32, "image side in pixels (square); the latent side is resolution / autoencoder factor")
     text_encoder: str = _f("minilm", "text encoder spec: 'minilm' or 'sd3:clip_l=DIR,clip_g=DIR,t5=DIR'")
     autoencoder: str = _f("identity", "autoencoder spec: 'identity' (pixel space), 'sd3-vae:DIR', "
-                                      "'small:PATH.safetensors' or 'shapes-ae' (the shipped SmallAE of the shapes)")
+                                      "'small:PATH.safetensors', 'shapes-ae' or 'shapes-ae-f8' (the shipped "
+                                      "SmallAEs of the shapes)")
     text_drop: float | None = _f(None, "probability of zeroing each text encoder's output, independently per "
                                        "sample; also what classifier-free guidance relies on. null: automatic, "
                                        "0.1 ** (1 / k) for k text encoders, so that 10% of samples see no text "

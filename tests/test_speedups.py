@@ -203,6 +203,11 @@ def test_shipped_shapes_autoencoder_reads_back_exactly():
     assert ae.spec == "shapes-ae" and (ae.channels, ae.factor) == (4, 4)
     exact, psnr = check(ae, n=40)
     assert exact == 1.0 and psnr > 35
+    f8 = load_autoencoder("shapes-ae-f8")  # 4 x 4 x 16 latents: most scenes read back exactly
+    assert f8.spec == "shapes-ae-f8" and (f8.channels, f8.factor) == (16, 8)
+    assert f8.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 4, 4)
+    exact, psnr = check(f8, n=40)
+    assert exact >= 0.8 and psnr > 28
 
 
 def test_muon_fp32_iterations_match_torchs_bf16_ones():

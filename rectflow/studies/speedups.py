@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "x-pred": {"formulation": "x/lognorm(0.00, 1.00)"},  # JiT: the network outputs x0, rf's velocity loss
     "dispersive": {"dispersive": 0.5},                   # Wang & He: the middle block's tokens pushed apart
     "latent": {"autoencoder": "shapes-ae", "patch_size": 1},  # the shipped 8x8x4 SmallAE: 64 tokens, as the pixels
+    "latent-f8": {"autoencoder": "shapes-ae-f8", "patch_size": 1},  # the 4x4x16 SmallAE: 16 tokens
 }
 # the demo recipe (rectflow/recipes/demo.yaml) is the naive one with these (a test keeps the two equal)
 COMBINED = ("text-16", "muon", "power-ema", "routing", "latent")
