@@ -107,9 +107,8 @@ class Grid:
 
     def result(self, run: Run) -> dict | None:
         """The finished run's result (scores in the shared metric keys, also for runs made before them), or None."""
-        local = normalize_result(read_json(self.dir(run) / "result.json"))
-        if local is not None:
-            return local
+        if self.dir(run).exists():  # a folder of this session's (finished, or to resume): its own state decides
+            return normalize_result(read_json(self.dir(run) / "result.json"))
         kept = self.archive.get(run.name)
         if kept and kept.get("spec") == run.spec and kept.get("machine") == _device_words(self.opts):
             return normalize_result(kept)
@@ -169,9 +168,9 @@ class Grid:
 
 def archived_results(opts: StudyOptions) -> dict[str, dict]:
     """The runs kept in the study's earlier report (OUT/STUDY/results.json, committed with the report): a run found
-    there with its spec and this machine's description counts as finished, so a study of more runs than one session
-    can train (on a 2-core machine: seeds of 30-odd runs) grows across sessions on the same kind of machine; results
-    made elsewhere or with other options are done again."""
+    there with its spec and this machine's description counts as finished when the runs folder has no folder of it,
+    so a study of more runs than one session can train (on a 2-core machine: seeds of 30-odd runs) grows across
+    sessions on the same kind of machine; results made elsewhere or with other options are done again."""
     data = read_json(Path(opts.out) / opts.study / "results.json") or {}
     return {name: res for name, res in (data.get("runs") or {}).items() if isinstance(res, dict) and "spec" in res}
 
