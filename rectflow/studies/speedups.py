@@ -42,9 +42,11 @@ VARIANTS: dict[str, dict] = {
     "dispersive": {"dispersive": 0.5},                   # Wang & He: the middle block's tokens pushed apart
     "latent": {"autoencoder": "shapes-ae", "patch_size": 1},  # the shipped 8x8x4 SmallAE: 64 tokens, as the pixels
     "latent-f8": {"autoencoder": "shapes-ae-f8", "patch_size": 1},  # the 4x4x16 SmallAE: 16 tokens
+    "narrow-b32": {"hidden": 128, "heads": 2, "batch_size": 32},  # ~2.5x the steps of a narrower model, half batch
+    "text-12": {"text_encoder": "minilm:length=12"},  # the longest shapes caption is 12 MiniLM tokens
 }
 # the demo recipe (rectflow/recipes/demo.yaml) is the naive one with these (a test keeps the two equal)
-COMBINED = ("text-16", "muon", "power-ema", "routing", "latent")
+COMBINED = ("text-12", "muon", "power-ema", "routing", "latent-f8", "narrow-b32")
 VARIANTS["combined"] = {k: v for name in COMBINED for k, v in VARIANTS[name].items()}
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
