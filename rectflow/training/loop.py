@@ -179,12 +179,12 @@ class Trainer:
         slower than fp32: a from-scratch run there trains in fp32 and says so. Fine-tunes and FSDP mixed precision
         keep bf16 (their bf16 weights need it)."""
         cfg = self.cfg
+        self.precision_note = None  # said when training starts (fit), after any config error
         if not cfg.bf16 or cfg.init or cfg.fsdp_mixed_precision or native_bf16(self.device):
             return cfg.bf16
-        if self.ctx.is_main:
-            print("rectflow train: bf16: true, but this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 "
-                  "matmuls run ~90x slower than fp32: training in fp32 (RECTFLOW_CPU_BF16=1 forces bf16)",
-                  file=sys.stderr)
+        self.precision_note = ("rectflow train: bf16: true, but this CPU has no native bf16 (AVX512-BF16 or AMX), "
+                               "where bf16 matmuls run ~90x slower than fp32: training in fp32 "
+                               "(RECTFLOW_CPU_BF16=1 forces bf16)")
         return False
 
     def _latent_side(self) -> int:
@@ -635,6 +635,8 @@ class Trainer:
     def fit(self) -> Path:
         """Train to max_steps; returns the run directory."""
         cfg, main = self.cfg, self.ctx.is_main
+        if main and self.precision_note:
+            print(self.precision_note, file=sys.stderr)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "checkpoints").mkdir(exist_ok=True)
