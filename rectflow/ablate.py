@@ -97,6 +97,7 @@ class Grid:
         self.root = opts.study_dir
         self.trained: list[str] = []  # runs this process executed
         self.archive = archived_results(opts)
+        self.machine = _device_words(opts)  # what a result made here records, and an archived one must match
         folders = [folder_name(r.name) for r in runs]
         if len(set(folders)) != len(folders):
             raise ValueError(f"study {opts.study}: run names {[r.name for r in runs]} do not map to distinct folders")
@@ -110,7 +111,7 @@ class Grid:
         if self.dir(run).exists():  # a folder of this session's (finished, or to resume): its own state decides
             return normalize_result(read_json(self.dir(run) / "result.json"))
         kept = self.archive.get(run.name)
-        if kept and kept.get("spec") == run.spec and kept.get("machine") == _device_words(self.opts):
+        if kept and kept.get("spec") == run.spec and kept.get("machine") == self.machine:
             return normalize_result(kept)
         return None
 
@@ -143,7 +144,7 @@ class Grid:
             t0 = time.perf_counter()
             result = self.module.execute(run, self.dir(run), self.opts)
             write_json(self.dir(run) / "result.json", {**result, "wall_seconds": time.perf_counter() - t0,
-                                                       "machine": _device_words(self.opts), "spec": run.spec})
+                                                       "machine": self.machine, "spec": run.spec})
             self.trained.append(run.name)
             return True
         finally:

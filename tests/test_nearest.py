@@ -7,7 +7,7 @@ import torch
 from rectflow.cli import main
 from rectflow.config import TrainConfig
 from rectflow.data import get_dataset
-from rectflow.evaluate.nearest import glyph_prompts, nearest_top1, reference_features
+from rectflow.evaluate.nearest import glyph_indices, nearest_top1, reference_features
 from rectflow.train import build_model, save_checkpoint
 
 
@@ -31,11 +31,11 @@ def test_top1_by_hand():
 
 def test_training_glyphs_are_their_own_nearest_and_noise_is_not():
     train = get_dataset("emoji", 32, split="train", seed=0)
-    prompts = glyph_prompts(train, 50, seed=3)
-    assert len(set(prompts)) == 50 and prompts == glyph_prompts(train, 50, seed=3) != glyph_prompts(train, 50, seed=4)
+    indices = glyph_indices(train, 50, seed=3)
+    prompts = [train.captions[i] for i in indices]
+    assert len(set(prompts)) == 50 and indices == glyph_indices(train, 50, seed=3) != glyph_indices(train, 50, seed=4)
     feats = reference_features(PixelEncoder(), train)
-    where = {c: i for i, c in enumerate(train.captions)}
-    real = torch.stack([train[where[p]]["image"] for p in prompts])
+    real = torch.stack([train[i]["image"] for i in indices])
     assert nearest_top1(PixelEncoder().image_features(real), prompts, feats, train.captions)["top1"] == 1.0
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
     assert nearest_top1(PixelEncoder().image_features(noise), prompts, feats, train.captions)["top1"] < 0.1

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 
-def glyph_prompts(dataset, n: int, seed: int) -> list[str]:
-    """Captions of n training glyphs drawn without replacement (all of them, shuffled, when n >= the data set)."""
+def glyph_indices(dataset, n: int, seed: int) -> list[int]:
+    """Indices of n training glyphs drawn without replacement (all of them, shuffled, when n >= the data set): their
+    captions are the prompts."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=g)[:n]
-    return [dataset.captions[int(i)] for i in order]
+    return [int(i) for i in torch.randperm(len(dataset), generator=g)[:n]]
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from rectflow.data.shapes import CATEGORIES
 from rectflow.devices import resolve_device
 from rectflow.evaluate import val_loss
 from rectflow.evaluate.features import load_encoder
-from rectflow.evaluate.nearest import glyph_prompts, nearest_top1, reference_features
+from rectflow.evaluate.nearest import glyph_indices, nearest_top1, reference_features
 from rectflow.evaluate.protocol import (  # noqa: F401  (Setting, fingerprint: also this module's API)
     Setting,
     eval_set,
@@ -132,7 +132,7 @@ def evaluate_run(run: str | None, samples: int = 120, settings: list[tuple[int, 
                 drawn = generate_images(pipe, glyphs["prompts"], job, shift=shift, seed=seed, batch_size=batch_size,
                                         bf16=bf16, on_batch=lambda: bar.update(1))
                 result["glyph_top1"] = nearest_top1(encoder.image_features(drawn), glyphs["prompts"],
-                                                    glyphs["features"], glyphs["captions"])
+                                                    glyphs["features"], glyphs["train"].captions)
                 report["glyph_top1"][job.label] = result["glyph_top1"]["top1"]
             report["fid"][job.label], report["clip_score"][job.label] = result["fid"], result["clip_score"]
             report["results"].append(result)
@@ -141,10 +141,9 @@ def evaluate_run(run: str | None, samples: int = 120, settings: list[tuple[int, 
     truth = ground_truth_images(data, pipe.resolution, len(prompts), metas, options)
     report["ground_truth"] = score_images(truth, prompt_features, encoder, reference["fit"], metas)
     if glyphs:  # the training glyphs themselves: 1.0 unless two glyphs share features
-        where = {c: i for i, c in enumerate(glyphs["captions"])}
-        real = torch.stack([glyphs["train"][where[p]]["image"] for p in glyphs["prompts"]])
+        real = torch.stack([glyphs["train"][i]["image"] for i in glyphs["indices"]])
         report["ground_truth"]["glyph_top1"] = nearest_top1(encoder.image_features(real), glyphs["prompts"],
-                                                            glyphs["features"], glyphs["captions"])
+                                                            glyphs["features"], glyphs["train"].captions)
     report["settings"] = {
         "samples": len(prompts),
         "prompts": "shapes.eval_prompts (GenEval set)" if metas is not None else "val captions",
@@ -165,7 +164,8 @@ def glyph_set(encoder, data: str, resolution: int, n: int, seed: int, options: d
     if data != "emoji":
         return None
     train = get_dataset(data, resolution, split="train", seed=0, **options)
-    return {"train": train, "prompts": glyph_prompts(train, n, seed), "captions": list(train.captions),
+    indices = glyph_indices(train, n, seed)
+    return {"train": train, "indices": indices, "prompts": [train.captions[i] for i in indices],
             "features": reference_features(encoder, train)}
 
 

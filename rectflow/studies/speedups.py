@@ -1,7 +1,7 @@
 """Learning speed (docs/training.md "Learning speed"): the naive recipe (rectflow/recipes/naive.yaml) from scratch,
 with each training option alone and in the combination the demo recipe (rectflow/recipes/demo.yaml) uses, at equal
-CPU time and over several seeds, scored by `rectflow eval`'s protocol (GenEval-style
-per category, FID and CLIP score of the offline scorer; Euler 50 steps, CFG 5, EMA weights).
+CPU time and over several seeds, scored by `rectflow eval`'s protocol (GenEval-style per category, FID and CLIP score
+of the offline scorer; Euler 50 steps, CFG 5, EMA weights).
 
 Equal CPU time: each variant's step count is the budget (12 CPU minutes at budget 1, the demo's) divided by its own
 step time, measured once by a probe in this process (process CPU time of a few steps) and kept in the study folder,
@@ -182,8 +182,7 @@ def report(results: dict, opts: StudyOptions, fig_dir: Path) -> str:
     lines = ["## Results", "",
              f"{MINUTES * opts.budget:g} CPU minutes of training per run (one thread), the naive recipe "
              f"(rectflow/recipes/naive.yaml) with each option (combined: the demo recipe); {SETTING.label}, "
-             f"{eval_opts(opts).n_samples} "
-             f"GenEval-style prompts. Mean ± half the range over the seeds.", "",
+             f"{eval_opts(opts).n_samples} GenEval-style prompts. Mean ± half the range over the seeds.", "",
              table(["variant", "seeds", *CATEGORIES, "overall", "FID", "CLIP score", "img/s", "steps"], rows), "",
              f"![overall GenEval score against CPU minutes]({fig_dir.name}/curves.png)", ""]
     _curves(results, fig_dir / "curves.png")

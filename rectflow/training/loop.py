@@ -105,7 +105,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg.validate(), Path(run_dir)
         self.ctx = distributed.init(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device, self.ctx.local_rank if self.ctx.enabled else None)
-        self.bf16 = self._autocast_bf16()
+        self.bf16, self.precision_note = self._autocast_bf16()  # the note is said when training starts (fit)
         world = self.ctx.world_size
         if cfg.batch_size % (world * cfg.grad_accum):
             raise ValueError(f"config key 'batch_size': {cfg.batch_size} is not divisible by "
@@ -174,18 +174,15 @@ class Trainer:
 
     # ---- construction
 
-    def _autocast_bf16(self) -> bool:
-        """cfg.bf16, except on a CPU that only emulates bf16 (rectflow.devices.native_bf16), where it runs ~90x
-        slower than fp32: a from-scratch run there trains in fp32 and says so. Fine-tunes and FSDP mixed precision
-        keep bf16 (their bf16 weights need it)."""
+    def _autocast_bf16(self) -> tuple[bool, str | None]:
+        """(bf16 autocast, a note for the user or None): cfg.bf16, except on a CPU that only emulates bf16
+        (rectflow.devices.native_bf16), where it runs ~90x slower than fp32: a from-scratch run there trains in fp32
+        and says so. Fine-tunes and FSDP mixed precision keep bf16 (their bf16 weights need it)."""
         cfg = self.cfg
-        self.precision_note = None  # said when training starts (fit), after any config error
         if not cfg.bf16 or cfg.init or cfg.fsdp_mixed_precision or native_bf16(self.device):
-            return cfg.bf16
-        self.precision_note = ("rectflow train: bf16: true, but this CPU has no native bf16 (AVX512-BF16 or AMX), "
-                               "where bf16 matmuls run ~90x slower than fp32: training in fp32 "
-                               "(RECTFLOW_CPU_BF16=1 forces bf16)")
-        return False
+            return cfg.bf16, None
+        return False, ("rectflow train: bf16: true, but this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 "
+                       "matmuls run ~90x slower than fp32: training in fp32 (RECTFLOW_CPU_BF16=1 forces bf16)")
 
     def _latent_side(self) -> int:
         """The latent side of the square resolution (the pixel budget of buckets), checked against the grid."""
