@@ -141,7 +141,8 @@ class Trainer:
             self.batches = StreamBatches(self.dataset, self.autoencoder, self.device, self.ctx, self.micro,
                                          cfg.workers)
         else:
-            self.batches = Batches(self.dataset, cfg, self.autoencoder, self.device, self.cache_dir, self.ctx)
+            self.batches = Batches(self.dataset, cfg, self.autoencoder, self.device, self.cache_dir, self.ctx,
+                                   bf16=self.bf16)
         self._saved_streams = None  # a resumed run's stream positions
         if self.finite and not self.text.prepare(all_captions(self.dataset)):
             print(f"rectflow train: the {len(self.dataset)} captions' text features do not fit in memory; encoding "
