@@ -222,6 +222,21 @@ def _muon_runs(make, steps: int = 3, **kwargs) -> list[torch.Tensor]:
     return [w.detach() for w in weights]
 
 
+def test_endless_data_are_encoded_under_the_runs_bf16_autocast(tmp_path, monkeypatch):
+    """Shapes scenes (endless: encoded every step) go through the autoencoder in bf16 when the run trains in bf16:
+    the same latents up to bf16 rounding; an fp32 run encodes in fp32."""
+    from rectflow.training import Trainer
+    monkeypatch.setenv("RECTFLOW_CPU_BF16", "1")
+    cfg = tiny(autoencoder="shapes-ae-f8", resolution=32, patch_size=1, bf16=True)
+    bf16 = Trainer(cfg, tmp_path / "bf16")
+    fp32 = Trainer(dataclasses.replace(cfg, bf16=False), tmp_path / "fp32")
+    assert bf16.batches.cache is None and (bf16.batches.bf16, fp32.batches.bf16) == (True, False)
+    (zb, cap_b), (zf, cap_f) = bf16.batches.load([0, 1, 2]), fp32.batches.load([0, 1, 2])
+    assert cap_b == cap_f and zb.dtype == zf.dtype == torch.float32 and zb.shape == (3, 16, 4, 4)
+    assert not torch.equal(zb, zf)
+    assert ((zb - zf).norm() / zf.norm()).item() < 0.02
+
+
 def test_muon_orthogonalises_same_shape_matrices_together_as_torch_does_one_by_one():
     """rectflow.training.optim.Muon batches the Newton-Schulz iterations of same-shape matrices: bit-identical to
     torch.optim.Muon (bf16 iterations, Nesterov or not); its fp32 iterations (for CPUs that emulate bf16) give the
