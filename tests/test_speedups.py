@@ -257,10 +257,10 @@ def test_muon_orthogonalises_same_shape_matrices_together_as_torch_does_one_by_o
 
 def test_the_demo_recipe_is_the_naive_one_with_the_combined_options():
     """rectflow/recipes/demo.yaml = naive.yaml + the study's `combined` variant (so the study measures the demo's
-    recipe against its baseline): latents of the shipped f8 AE, one token per latent pixel."""
+    recipe against its baseline): latents of the shipped f4 AE, one token per latent pixel."""
     from rectflow.config import TrainConfig, recipe
     from rectflow.studies.speedups import RUN_LENGTH, VARIANTS, naive_recipe
     demo = {k: v for k, v in recipe("demo").items() if k not in RUN_LENGTH}
     assert demo == {**naive_recipe(), **VARIANTS["combined"]}
     cfg = TrainConfig.from_dict(recipe("demo"), source="demo").validate()
-    assert (cfg.autoencoder, cfg.patch_size, cfg.optimizer) == ("shapes-ae-f8", 1, "muon")
+    assert (cfg.autoencoder, cfg.patch_size, cfg.optimizer) == ("shapes-ae", 1, "muon")

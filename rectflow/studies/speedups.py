@@ -46,7 +46,7 @@ VARIANTS: dict[str, dict] = {
     "text-12": {"text_encoder": "minilm:length=12"},  # the longest shapes caption is 12 MiniLM tokens
 }
 # the demo recipe (rectflow/recipes/demo.yaml) is the naive one with these (a test keeps the two equal)
-COMBINED = ("text-12", "muon", "power-ema", "routing", "latent-f8", "narrow-b32")
+COMBINED = ("text-12", "muon", "power-ema", "routing", "latent", "narrow-b32")
 VARIANTS["combined"] = {k: v for name in COMBINED for k, v in VARIANTS[name].items()}
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
