@@ -133,21 +133,20 @@ def muon_lr_ratio(adjust_lr_fn: str | None, shape) -> float:
     return math.sqrt(max(1, rows / cols)) if adjust_lr_fn in (None, "original") else 1.0
 
 
-def newton_schulz(update: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float,
+def newton_schulz(updates: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The orthogonalisation Muon applies to a 2-D update or a stack of them (the quintic iteration
+    """The orthogonalisation Muon applies to a stack of same-shape updates [n, rows, cols] (the quintic iteration
     X <- aX + (bA + cA^2)X with A = XX^T, on the wide orientation, after scaling each matrix to Frobenius norm 1),
     in `dtype`."""
     a, b, c = ns_coefficients
-    x = update.to(dtype)
+    x = updates.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    mm = torch.addmm if x.ndim == 2 else torch.baddbmm
-    x = x / (x.norm() if x.ndim == 2 else x.norm(dim=(-2, -1), keepdim=True)).clamp(min=eps)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(ns_steps):
         gram = x @ x.mT
-        x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
 
 
