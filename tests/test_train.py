@@ -117,6 +117,28 @@ def test_override_precedence_and_values(tmp_path):
     assert apply_overrides(TrainConfig(), ["qk_norm=none"]).effective_adam_eps == 1e-8
 
 
+def test_a_fine_tune_takes_the_init_model_s_autoencoder_and_text_encoder_unless_named(tmp_path, capsys):
+    import argparse
+
+    from rectflow.train import add_arguments, config_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    run = tmp_path / "latent"
+    train_mod.train(tiny(autoencoder="shapes-ae", patch_size=1, text_encoder="minilm:length=8", max_steps=1,
+                         sample_every=0), run)
+
+    def cfg(*extra):
+        return config_from_args(parser.parse_args(["--init", str(run), "--out", str(tmp_path / "ft"), *extra]))
+    got = cfg()
+    assert (got.autoencoder, got.text_encoder) == ("shapes-ae", "minilm:length=8")
+    assert "from the init model's training config" in capsys.readouterr().err
+    got = cfg("--text-encoder", "minilm", "--set", "autoencoder=identity")  # named: the run's own choice
+    assert (got.autoencoder, got.text_encoder) == ("identity", "minilm")
+    config = tmp_path / "c.yaml"
+    config.write_text("text_encoder: minilm:length=16\n")
+    assert cfg("--config", str(config)).text_encoder == "minilm:length=16"
+
+
 def _resume_args(out: Path, *extra: str):
     """Parsed `rectflow train --out OUT --resume ...` arguments."""
     import argparse

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from rectflow.config import (FIELDS, RESUME_CHANGEABLE, TrainConfig, apply_dict, apply_overrides, field_type,
-                             load_config)
+                             load_config, parse_override)
 from rectflow.files import check_safetensors
 from rectflow.runs import CONFIG, WEIGHT_FILES, find_checkpoint
 from rectflow.training import distributed
+from rectflow.training.finetune import inherit_from_init
 from rectflow.training.loop import Trainer, TrainingAborted
 
 
@@ -75,7 +76,10 @@ def config_from_args(args) -> TrainConfig:
     else:
         base = start = load_config(args.config) if args.config else TrainConfig()
     flags = {name[4:]: value for name, value in vars(args).items() if name.startswith("cfg_")}
-    cfg = apply_overrides(apply_dict(start, flags, source="command line"), args.overrides).validate()
+    cfg = apply_overrides(apply_dict(start, flags, source="command line"), args.overrides)
+    if not args.resume:  # a resumed run's config already holds what its init gave it
+        cfg = inherit_init_fields(cfg, start, flags, args.overrides)
+    cfg = cfg.validate()
     if args.resume and not args.allow_config_change:
         recorded = recorded_config(Path(args.out))
         edited = {} if recorded is None else {k: v for k, v in recorded.to_dict().items()
@@ -86,6 +90,19 @@ def config_from_args(args) -> TrainConfig:
             raise ValueError(f"--resume: {saved} was edited since the run's last checkpoint ({differ}); restore it, "
                              f"or pass --allow-config-change to continue with the edited values")
         check_resume_changes(base, cfg, source=f"--resume of {saved}")
+    return cfg
+
+
+def inherit_init_fields(cfg: TrainConfig, start: TrainConfig, flags: dict, overrides: list[str]) -> TrainConfig:
+    """A fine-tune of a rectflow model takes its autoencoder and text encoder from the model's training config
+    (rectflow.training.finetune.inherit_from_init) where neither the config file nor the command line sets them."""
+    defaults = TrainConfig().to_dict()
+    named = set(flags) | {parse_override(o)[0].split(".")[0] for o in overrides}
+    named |= {k for k, v in start.to_dict().items() if v != defaults[k]}
+    cfg, taken = inherit_from_init(cfg, named)
+    if taken:
+        said = ", ".join(f"{k} {v!r}" for k, v in taken.items())
+        print(f"rectflow train: {said} from the init model's training config ({cfg.init})", file=sys.stderr)
     return cfg
 
 

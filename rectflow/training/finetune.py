@@ -8,6 +8,7 @@ and ComfyUI read a run's checkpoint directly); their headers name the base weigh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,29 @@ def load_init(spec: str) -> Init:
     init_shapes(path)  # the same checks, before any weight is read
     model = load_model(path).float()
     return Init(model, path.resolve(), uncond_prompt_of(safetensors_metadata(path)))
+
+
+# what a model's inputs are made with: a fine-tune of a rectflow model takes these from the model's training config
+# unless the run names them (a latent model fed pixels does not fit; another text length shifts what it learned)
+INHERITED_FROM_INIT = ("autoencoder", "text_encoder")
+
+
+def init_train_config(spec: str) -> dict | None:
+    """The training config recorded in the init weights' header (rectflow runs, checkpoints and the shipped model);
+    None for weights without one (released SD3 / SD3.5 files, diffusers folders)."""
+    recorded = safetensors_metadata(init_weights_path(spec)).get("rectflow.train_config")
+    return json.loads(recorded) if recorded else None
+
+
+def inherit_from_init(cfg: TrainConfig, named: set[str]) -> tuple[TrainConfig, dict]:
+    """(cfg with the INHERITED_FROM_INIT fields the run did not name taken from the init model's training config,
+    those fields and values)."""
+    recorded = init_train_config(cfg.init) if cfg.init else None
+    if recorded is None:
+        return cfg, {}
+    taken = {k: recorded[k] for k in INHERITED_FROM_INIT
+             if k not in named and k in recorded and recorded[k] != getattr(cfg, k)}
+    return dataclasses.replace(cfg, **taken), taken
 
 
 def check_fits(shapes: dict, text, autoencoder, latent_side: int, source) -> None:
