@@ -37,6 +37,7 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIFFUSERS_QK_NORM = {None: None, "rms": "rms_norm", "ln": "layer_norm"}
 UNCOND_KEY = "rectflow.uncond_prompt"  # header key: JSON of the prompt whose encoding is CFG's unconditional input
+TRAIN_CONFIG_KEY = "rectflow.train_config"  # header key: JSON of the training config of a rectflow run's weights
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -92,7 +93,13 @@ def uncond_prompt_of(metadata: dict[str, str]) -> str | None:
     sampler) and None (zeros, what text dropout taught) for rectflow training files."""
     if UNCOND_KEY in metadata:
         return json.loads(metadata[UNCOND_KEY])
-    return None if "rectflow.train_config" in metadata else ""
+    return None if TRAIN_CONFIG_KEY in metadata else ""
+
+
+def train_config_of(metadata: dict[str, str]) -> dict | None:
+    """The training config a weights header records (rectflow runs, checkpoints, the shipped model), or None (released
+    SD3 / SD3.5 files and other weights)."""
+    return json.loads(metadata[TRAIN_CONFIG_KEY]) if TRAIN_CONFIG_KEY in metadata else None
 
 
 def model_hash(path) -> str | None:

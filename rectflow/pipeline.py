@@ -13,7 +13,6 @@ prompt ""; a negative prompt replaces either with the encoding of its text.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import yaml
 
 from rectflow.autoencoder import load_autoencoder
 from rectflow.checkpoints import load_model as load_weights
-from rectflow.checkpoints import uncond_prompt_of
+from rectflow.checkpoints import train_config_of, uncond_prompt_of
 from rectflow.data.folder import UnusableImage, fit, load_image
 from rectflow.files import check_safetensors, safetensors_metadata
 from rectflow.flow import Formulation
@@ -86,7 +85,7 @@ def load_model(path: Path, device="cpu", dtype: torch.dtype | None = None,
         model = model.to(dtype)
     elif torch.device(device).type == "cpu":
         model = model.float()  # files may store bf16/fp16 (the shipped model, released files); fp16 is unusable on CPU
-    train_config = json.loads(meta["rectflow.train_config"]) if "rectflow.train_config" in meta else {}
+    train_config = train_config_of(meta) or {}
     return model.to(device).eval().requires_grad_(False), train_config
 
 

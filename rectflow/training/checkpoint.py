@@ -22,7 +22,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from rectflow.checkpoints import FORMAT_TAG, UNCOND_KEY
+from rectflow.checkpoints import FORMAT_TAG, TRAIN_CONFIG_KEY, UNCOND_KEY
 from rectflow.config import TrainConfig
 from rectflow.files import SHARDED_INFO, write_text_atomic
 from rectflow.runs import SHARDED_WEIGHTS, STATE, WEIGHT_FILES, begin_checkpoint, finish_checkpoint, write_checkpoint
@@ -36,7 +36,7 @@ def weights_metadata(model: torch.nn.Module, cfg: TrainConfig, step: int, kind: 
     """safetensors metadata: rectflow.checkpoints' file format (model config) plus the run's training config and
     CFG's unconditional prompt (null: zeros; "" for fine-tunes of released models, as their base)."""
     return {"format": FORMAT_TAG, "config": json.dumps(model.config),
-            "rectflow.train_config": json.dumps(cfg.to_dict()), "rectflow.step": str(step),
+            TRAIN_CONFIG_KEY: json.dumps(cfg.to_dict()), "rectflow.step": str(step),
             "rectflow.weights": kind, UNCOND_KEY: json.dumps(uncond_prompt)}
 
 

@@ -6,7 +6,6 @@ The command line over rectflow.training.Trainer: Defaults < --config FILE < one 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rectflow.checkpoints import train_config_of
 from rectflow.config import (FIELDS, RESUME_CHANGEABLE, TrainConfig, apply_dict, apply_overrides, field_type,
                              load_config, parse_override)
 from rectflow.files import check_safetensors
@@ -113,8 +113,8 @@ def recorded_config(run_dir: Path) -> TrainConfig | None:
     if ck is None:
         return None
     path = ck / WEIGHT_FILES["raw"]
-    recorded = check_safetensors(path).get("__metadata__", {}).get("rectflow.train_config")
-    return None if recorded is None else TrainConfig.from_dict(json.loads(recorded), source=str(path))
+    recorded = train_config_of(check_safetensors(path).get("__metadata__", {}))
+    return None if recorded is None else TrainConfig.from_dict(recorded, source=str(path))
 
 
 def check_resume_changes(old: TrainConfig, new: TrainConfig, source: str = "--resume") -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rectflow.checkpoints import load_model, uncond_prompt_of
+from rectflow.checkpoints import load_model, train_config_of, uncond_prompt_of
 from rectflow.config import TrainConfig
 from rectflow.files import check_safetensors, safetensors_metadata
 from rectflow.lora import BASE_KEY, Adapter, adapters, attach, load_adapters, read_lora, write_lora
@@ -106,8 +106,7 @@ INHERITED_FROM_INIT = ("autoencoder", "text_encoder")
 def init_train_config(spec: str) -> dict | None:
     """The training config recorded in the init weights' header (rectflow runs, checkpoints and the shipped model);
     None for weights without one (released SD3 / SD3.5 files, diffusers folders)."""
-    recorded = safetensors_metadata(init_weights_path(spec)).get("rectflow.train_config")
-    return json.loads(recorded) if recorded else None
+    return train_config_of(safetensors_metadata(init_weights_path(spec)))
 
 
 def inherit_from_init(cfg: TrainConfig, named: set[str]) -> tuple[TrainConfig, dict]:
