@@ -671,6 +671,12 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_that_emulates_it(tmp_path, monkeypatch
     assert "no native bf16" in capsys.readouterr().err
     assert load_config(tmp_path / "fallback" / "config.yaml").bf16 is True
     assert fallback == _run_losses(tmp_path, "fp32", bf16=False)
+    # a full fine-tune's weights are fp32 too; a LoRA over bf16 frozen weights needs bf16 autocast and keeps it
+    init = str(tmp_path / "fp32")
+    assert _run_losses(tmp_path, "ft", bf16=True, init=init) == _run_losses(tmp_path, "ft32", bf16=False, init=init)
+    assert "no native bf16" in capsys.readouterr().err
+    _run_losses(tmp_path, "lora", bf16=True, init=init, lora=2)
+    assert "no native bf16" not in capsys.readouterr().err
     monkeypatch.setenv("RECTFLOW_CPU_BF16", "1")
     assert native_bf16(torch.device("cpu"))
     assert _run_losses(tmp_path, "bf16", bf16=True) != fallback

@@ -177,10 +177,11 @@ class Trainer:
 
     def _autocast_bf16(self) -> tuple[bool, str | None]:
         """(bf16 autocast, a note for the user or None): cfg.bf16, except on a CPU that only emulates bf16
-        (rectflow.devices.native_bf16), where it runs 3-90x slower than fp32: a from-scratch run there trains in fp32
-        and says so. Fine-tunes and FSDP mixed precision keep bf16 (their bf16 weights need it)."""
+        (rectflow.devices.native_bf16), where it runs 3-90x slower than fp32: a run there trains in fp32 and says so.
+        A LoRA over bf16 frozen weights and FSDP mixed precision keep bf16 (their bf16 weights need it)."""
         cfg = self.cfg
-        if not cfg.bf16 or cfg.init or cfg.fsdp_mixed_precision or native_bf16(self.device):
+        bf16_weights = (cfg.lora and cfg.effective_frozen_dtype == "bf16") or cfg.fsdp_mixed_precision
+        if not cfg.bf16 or bf16_weights or native_bf16(self.device):
             return cfg.bf16, None
         return False, ("rectflow train: bf16: true, but this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 "
                        "matmuls run 3-90x slower than fp32: training in fp32 (RECTFLOW_CPU_BF16=1 forces bf16)")
