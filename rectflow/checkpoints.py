@@ -280,9 +280,10 @@ def from_diffusers_state_dict(dsd: dict, source="diffusers state dict") -> dict:
 def diffusers_config(config: dict, pos_embed_max_size: int | None = None) -> dict:
     """The SD3Transformer2DModel config.json of a rectflow config (with the rectflow config kept under a private
     key that diffusers ignores, so the way back is exact)."""
-    if config.get("registers"):
-        raise CheckpointError(f"a model with {config['registers']} register tokens has no diffusers layout (SD3's "
-                              f"transformer has none); keep it in the rectflow layout")
+    for key, what in (("registers", "register tokens"), ("text_positions", "learned text positions")):
+        if config.get(key):
+            raise CheckpointError(f"a model with {config[key]} {what} has no diffusers layout (SD3's transformer has "
+                                  f"none); keep it in the rectflow layout")
     if config["mlp_ratio"] != 4.0:
         raise CheckpointError(f"the diffusers layout has MLP ratio 4; this model has {config['mlp_ratio']}")
     max_size = config["pos_embed_max_size"] or pos_embed_max_size

@@ -138,6 +138,9 @@ class TrainConfig:
                                 "representations apart with no positive pairs and no pretrained network; 0: off")
     registers: int = _f(0, "learned register tokens appended to the text tokens of the joint attention (a rectflow "
                            "model option: no released layout has them); 0: none")
+    text_positions: int = _f(0, "learned position embeddings of the first N text tokens, added to the context "
+                                "stream (a rectflow model option: no released layout has them; the joint attention "
+                                "is otherwise blind to word order); N >= the text length, e.g. 12; 0: none")
     route_fraction: float = _f(0.0, "token routing (TREAD): this share of each image's tokens, drawn per sample and "
                                     "step, skips blocks route_start..route_end-1 in training; 0: off")
     route_start: int = _f(1, "token routing: the first block the routed tokens skip")
@@ -206,7 +209,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r}: expected a positive integer, got {getattr(self, name)!r}")
         for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "val_every", "workers",
-                     "profile_steps", "fsdp_shard_size", "registers", "grad_clip", "min_lr", "weight_decay", "shift"]:
+                     "profile_steps", "fsdp_shard_size", "registers", "text_positions", "grad_clip", "min_lr", "weight_decay", "shift"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
@@ -244,9 +247,9 @@ class TrainConfig:
             raise ValueError(f"config key 'dispersive': expected a weight >= 0, got {self.dispersive!r}")
         if not 0.0 <= self.route_fraction < 1.0:
             raise ValueError(f"config key 'route_fraction': expected a share in [0, 1), got {self.route_fraction!r}")
-        if self.arch != "mmdit" and (self.registers or self.route_fraction or self.dispersive):
-            raise ValueError(f"config keys 'registers' / 'route_fraction' / 'dispersive': MM-DiT options (joint "
-                             f"blocks); arch {self.arch!r} has none of them")
+        if self.arch != "mmdit" and (self.registers or self.text_positions or self.route_fraction or self.dispersive):
+            raise ValueError(f"config keys 'registers' / 'text_positions' / 'route_fraction' / 'dispersive': MM-DiT "
+                             f"options (joint blocks); arch {self.arch!r} has none of them")
         if self.optimizer == "muon" and self.parallel != "ddp":
             raise ValueError(f"config key 'optimizer': muon is not available with parallel {self.parallel} (its "
                              f"orthogonalisation needs whole matrices); use adamw")

@@ -111,11 +111,12 @@ def test_token_routing_passes_skipped_tokens_unchanged():
 
 
 def test_routing_registers_and_short_text_train_and_resume(tmp_path):
-    """Routing (half the tokens skip blocks 1-2), 4 register tokens and 16 text tokens in one run: resumed from its
-    middle checkpoint it logs the uninterrupted losses; the registers are saved with the model, which samples."""
+    """Routing (half the tokens skip blocks 1-2), 4 register tokens, 16 text tokens and their learned positions in
+    one run: resumed from its middle checkpoint it logs the uninterrupted losses; the registers and positions are
+    saved with the model, which samples."""
     from rectflow.checkpoints import load_model
     from rectflow.cli import main
-    cfg = tiny(depth=4, route_fraction=0.5, route_start=1, route_end=3, registers=4, max_steps=6,
+    cfg = tiny(depth=4, route_fraction=0.5, route_start=1, route_end=3, registers=4, text_positions=16, max_steps=6,
                checkpoint_every=3, warmup_steps=0, text_encoder="minilm:length=16", contrastive=0.05,
                ema_power=6.94, lr_schedule="constant")
     train(cfg, tmp_path / "ref")
@@ -125,11 +126,44 @@ def test_routing_registers_and_short_text_train_and_resume(tmp_path):
     from rectflow.runs import find_checkpoint
     model = load_model(find_checkpoint(tmp_path / "ref") / "ema.safetensors")
     assert model.config["registers"] == 4 and model.registers.shape == (1, 4, 64)
+    assert model.config["text_positions"] == 16 and model.text_positions.abs().sum() > 0  # trained from zero
     assert main(["sample", "--run", str(tmp_path / "ref"), "--prompt", "a red circle", "--steps", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
     assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "d"), "--to", "diffusers"]) == 2
     with pytest.raises(ValueError, match="route_start"):
         train(dataclasses.replace(cfg, route_start=3, route_end=3), tmp_path / "bad")
+
+
+def test_text_positions_make_the_joint_attention_see_word_order():
+    """Without text positions the model is blind to the order of the text tokens (permuting them leaves the output
+    unchanged); zero-initialised positions keep a model's output, trained ones make order count; too many tokens are
+    refused by name, and the diffusers layout (which has no such weights) is refused."""
+    from rectflow.checkpoints import CheckpointError, diffusers_config
+    torch.manual_seed(0)
+    plain = MMDiT(depth=2, hidden_size=32, num_heads=2, patch_size=2, in_channels=4, context_dim=16, pooled_dim=8,
+                  input_size=8)
+    torch.manual_seed(0)
+    ordered = MMDiT(depth=2, hidden_size=32, num_heads=2, patch_size=2, in_channels=4, context_dim=16, pooled_dim=8,
+                    input_size=8, text_positions=6)
+    with torch.no_grad():  # the zero-initialised output layer would hide every difference
+        for m in (plain, ordered):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        ordered.load_state_dict({**plain.state_dict(), "text_positions": torch.zeros(1, 6, 32)})
+    g = torch.Generator().manual_seed(1)
+    x, c, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(2, 8, generator=g)
+    t, perm = torch.tensor([0.3, 0.8]), torch.tensor([4, 2, 0, 1, 3])
+    with torch.no_grad():
+        base = plain(x, t, c, y)
+        torch.testing.assert_close(plain(x, t, c[:, perm], y), base)
+        torch.testing.assert_close(ordered(x, t, c, y), base)
+        ordered.text_positions.normal_(generator=g)
+        assert not torch.allclose(ordered(x, t, c[:, perm], y), ordered(x, t, c, y), atol=1e-4)
+        with pytest.raises(ValueError, match="7 text tokens exceed the model's 6 learned text positions"):
+            ordered(x, t, torch.randn(2, 7, 16), y)
+    assert ordered.config["text_positions"] == 6 and "text_positions" not in plain.config
+    with pytest.raises(CheckpointError, match="learned text positions"):
+        diffusers_config(ordered.config)
 
 
 def test_short_text_spec():

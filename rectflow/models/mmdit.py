@@ -42,7 +42,7 @@ MATMUL_ATTENTION_MAX = 1 << 19
 CONFIG_KEYS = (
     "depth", "hidden_size", "num_heads", "patch_size", "in_channels", "out_channels", "context_dim", "pooled_dim",
     "input_size", "qk_norm", "dual_attention_layers", "pos_embed_max_size", "pos_embed_base_size", "mlp_ratio",
-    "registers",
+    "registers", "text_positions",
 )
 
 
@@ -209,7 +209,7 @@ class MMDiT(nn.Module):
                  out_channels: int | None = None, context_dim: int = 4096, pooled_dim: int = 2048,
                  input_size: int = 32, qk_norm: str | None = None, dual_attention_layers=(),
                  pos_embed_max_size: int | None = None, pos_embed_base_size: int | None = None,
-                 mlp_ratio: float = 4.0, registers: int = 0):
+                 mlp_ratio: float = 4.0, registers: int = 0, text_positions: int = 0):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         pos_embed_base_size = input_size if pos_embed_base_size is None else pos_embed_base_size
@@ -221,7 +221,8 @@ class MMDiT(nn.Module):
             in_channels=in_channels, out_channels=out_channels, context_dim=context_dim, pooled_dim=pooled_dim,
             input_size=input_size, qk_norm=qk_norm, dual_attention_layers=dual_attention_layers,
             pos_embed_max_size=pos_embed_max_size, pos_embed_base_size=pos_embed_base_size,
-            mlp_ratio=float(mlp_ratio), **({"registers": int(registers)} if registers else {}))
+            mlp_ratio=float(mlp_ratio), **({"registers": int(registers)} if registers else {}),
+            **({"text_positions": int(text_positions)} if text_positions else {}))
         self.patch_size = patch_size
         self.out_channels = out_channels
         self.gradient_checkpointing = False
@@ -232,6 +233,9 @@ class MMDiT(nn.Module):
         self.context_embedder = nn.Linear(context_dim, hidden_size)
         # register tokens (docs/training.md "Learning speed"): not in the released layouts, so only when asked for
         self.registers = nn.Parameter(torch.randn(1, registers, hidden_size) * 0.02) if registers else None
+        # learned positions of the text tokens (same place): the joint attention is blind to token order, and a
+        # sentence encoder's features carry it only weakly. Zero at init, so adding them to a trained model keeps it
+        self.text_positions = nn.Parameter(torch.zeros(1, text_positions, hidden_size)) if text_positions else None
         self.joint_blocks = nn.ModuleList(
             JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1,
                        dual_attention=i in dual_attention_layers)
@@ -320,6 +324,13 @@ class MMDiT(nn.Module):
         pos_x = position_grid(w, ref, scale, total)
         return sincos_2d(pos_y, pos_x, cfg["hidden_size"]).float()
 
+    def _text_positions(self, length: int) -> torch.Tensor:
+        """The learned positions [1, length, hidden] of the first `length` text tokens."""
+        if length > self.text_positions.shape[1]:
+            raise ValueError(f"{length} text tokens exceed the model's {self.text_positions.shape[1]} learned text "
+                             f"positions (text_positions); use a text encoder of at most that length")
+        return self.text_positions[:, :length]
+
     def position_embedding(self, h: int, w: int) -> torch.Tensor:
         """Position embedding [1, h * w, hidden] for an h x w token grid (a crop of the table, or computed)."""
         if self.pos_embed is not None:
@@ -362,6 +373,8 @@ class MMDiT(nn.Module):
         rejoin before block `end` (positions were added at the embedding, so nothing else changes)."""
         tokens, c_act, h, w, dtype = embed_inputs(self, x, t, y)
         ctx = self.context_embedder(context.to(dtype))
+        if self.text_positions is not None:
+            ctx = ctx + self._text_positions(ctx.shape[1]).to(ctx.dtype)
         if self.registers is not None:  # learned tokens beside the text: scratch space for the joint attention
             ctx = torch.cat([ctx, self.registers.to(ctx.dtype).expand(ctx.shape[0], -1, -1)], dim=1)
         skip = set(skip_layers or ())

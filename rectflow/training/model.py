@@ -21,7 +21,7 @@ def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_di
     context_splits: token counts of the context's parts (SD3: [CLIP, T5]), the streams of mmdit3's extra weight set;
     None splits the context into halves (rectflow.models.baselines.MMDiT3).
     """
-    kw = {"registers": cfg.registers} if cfg.registers else {}
+    kw = {k: getattr(cfg, k) for k in ("registers", "text_positions") if getattr(cfg, k)}
     if cfg.hidden is not None:
         kw["hidden_size"] = cfg.hidden
     if cfg.heads is not None:
