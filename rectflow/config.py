@@ -87,7 +87,8 @@ class TrainConfig:
     init: str | None = _f(None, "start from these weights: a released SD3 / SD3.5 single file, a diffusers folder, a "
                                 "rectflow weights file, checkpoint or run directory (its EMA weights); the "
                                 "architecture comes from the file (arch, depth, hidden, heads, patch_size and qk_norm "
-                                "are then ignored); null: a new model")
+                                "are then ignored; registers and text_positions stay 0 or match the file's); null: a "
+                                "new model")
     lora: int = _f(0, "LoRA rank: train low-rank adapters of lora_targets (peft) and keep the other weights frozen, "
                       "writing diffusers-layout LoRA files; 0: train all weights")
     lora_alpha: float | None = _f(None, "LoRA alpha: the update is scaled by alpha / rank; null: the rank (scale 1)")

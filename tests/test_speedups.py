@@ -132,6 +132,8 @@ def test_routing_registers_and_short_text_train_and_resume(tmp_path):
     assert main(["convert", str(tmp_path / "ref"), str(tmp_path / "d"), "--to", "diffusers"]) == 2
     with pytest.raises(ValueError, match="route_start"):
         train(dataclasses.replace(cfg, route_start=3, route_end=3), tmp_path / "bad")
+    with pytest.raises(ValueError, match="'text_positions': 8, but the init model .* has 16"):
+        train(tiny(init=str(tmp_path / "ref"), text_positions=8, max_steps=1), tmp_path / "ft")
 
 
 def test_text_positions_make_the_joint_attention_see_word_order():

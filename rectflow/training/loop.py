@@ -208,6 +208,16 @@ class Trainer:
                                      f"do)") from None
             raise ValueError(f"config key 'data_options': {err}") from None
 
+    def _check_init_tokens(self) -> None:
+        """The init model's register tokens and text positions are its own: a config asking for others is refused
+        (they are weights of the file, like its depth, not something a fine-tune can switch)."""
+        config = getattr(self.model, "config", {})
+        for key in ("registers", "text_positions"):
+            want, have = getattr(self.cfg, key), config.get(key, 0)
+            if want and want != have:
+                raise ValueError(f"config key {key!r}: {want}, but the init model {self.init.path} has {have}; the "
+                                 f"architecture comes from the init weights (leave {key} at 0)")
+
     def _build_model(self, side: int) -> None:
         """The network (new, or the init weights with a LoRA attached) and its EMA (of the LoRA only)."""
         cfg = self.cfg
@@ -217,6 +227,7 @@ class Trainer:
                                      self.text.pooled_dim, context_splits(self.text))
         else:
             self.model = self.init.model
+            self._check_init_tokens()
             self.model.gradient_checkpointing = cfg.checkpoint_every_block
         self.uncond_prompt = self.init.uncond_prompt if self.init else None
         if cfg.lora:
