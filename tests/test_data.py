@@ -1,4 +1,5 @@
 """Built-in data: shapes scenes and captions, emoji glyphs, image folders with broken files."""
+import collections
 import json
 import logging
 import random
@@ -141,6 +142,25 @@ def test_shapes_category_subset_and_errors():
         get_dataset("shapes", 16, categories=["texture"])
     with pytest.raises(ValueError, match="split"):
         get_dataset("shapes", 16, split="test")
+
+
+def test_shapes_category_weights_skew_the_training_stream_only():
+    """Weights 3 / 2 / 1 give the categories shares 3/9, 2/9, 1/9 of the training stream, a weight 0 none; the
+    validation split (validation loss, FID reference) and the unweighted stream are as without weights."""
+    weights = {"position": 3, "counting": 2, "colors": 0}
+    train = get_dataset("shapes", 16, seed=3, category_weights=weights)
+    counts = collections.Counter(train.meta(i)["category"] for i in range(9000))
+    assert "colors" not in counts
+    want = {"position": 3 / 8, "counting": 2 / 8, "single_object": 1 / 8, "two_object": 1 / 8, "color_attr": 1 / 8}
+    for c, share in want.items():
+        assert abs(counts[c] / 9000 - share) < 0.015, (c, counts[c])
+    val = get_dataset("shapes", 16, split="val", category_weights=weights)
+    assert [val.meta(i) for i in range(40)] == [get_dataset("shapes", 16, split="val").meta(i) for i in range(40)]
+    assert train.meta(7) == get_dataset("shapes", 16, seed=3, category_weights=weights).meta(7)  # deterministic
+    with pytest.raises(ValueError, match="category_weights': unknown or unused categories \\['colors'\\]"):
+        get_dataset("shapes", 16, categories=["position"], category_weights={"colors": 2})
+    with pytest.raises(ValueError, match="expected weights >= 0"):
+        get_dataset("shapes", 16, category_weights={"position": -1})
 
 
 def test_eval_prompts():

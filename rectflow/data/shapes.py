@@ -244,17 +244,35 @@ def eval_prompts(n_per_category: int, seed: int = 0, categories=CATEGORIES) -> l
     return metas
 
 
+def _cumulative(categories: tuple[str, ...], weights: dict) -> list[tuple[str, float]]:
+    """(category, upper edge in [0, 1]) for a weighted draw; categories missing from weights weigh 1."""
+    unknown = sorted(set(weights) - set(categories))
+    if unknown:
+        raise ValueError(f"data option 'category_weights': unknown or unused categories {unknown}; expected some of "
+                         f"{list(categories)}")
+    w = [weights.get(c, 1.0) for c in categories]
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"data option 'category_weights': expected weights >= 0 with a positive sum, got {weights}")
+    total, edges, acc = sum(w), [], 0.0
+    for c, x in zip(categories, w):
+        acc += x / total
+        edges.append((c, acc))
+    return edges
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Endless seeded shapes scenes (train) or a fixed validation set (val).
 
     Item i is a pure function of (seed, split, i). The validation split does not depend on seed, so runs with
     different seeds are compared on the same scenes; its streams never share a key with the training stream.
+    category_weights ({category: weight}, missing ones 1) skews the training stream's categories, e.g. toward the
+    position scenes, whose relation a model trained on the uniform mix learns last.
     """
 
     TRAIN_SIZE = 10**9  # virtual length of the endless training stream
 
     def __init__(self, resolution: int = 32, split: str = "train", seed: int = 0, categories=None,
-                 val_size: int = 1000):
+                 val_size: int = 1000, category_weights: dict | None = None):
         if split not in ("train", "val"):
             raise ValueError(f"shapes split must be 'train' or 'val', got {split!r}")
         self.categories = tuple(categories) if categories else CATEGORIES
@@ -262,6 +280,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         if unknown:
             raise ValueError(f"unknown shapes categories {unknown}; expected a subset of {CATEGORIES}")
         self.resolution, self.split, self.seed, self.val_size = resolution, split, seed, val_size
+        # the training stream only: validation scenes (and so validation losses, FID references) stay comparable
+        self.cumulative = _cumulative(self.categories, category_weights) if category_weights and split == "train" \
+            else None
 
     def __len__(self) -> int:
         return self.TRAIN_SIZE if self.split == "train" else self.val_size
@@ -272,7 +293,10 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"shapes {self.split} index {index} out of range [0, {len(self)})")
         key = f"shapes-train/{self.seed}/{index}" if self.split == "train" else f"shapes-val/{index}"
         rng = random.Random(key)
-        return sample_meta(rng, _choice(rng, self.categories))
+        if self.cumulative is None:
+            return sample_meta(rng, _choice(rng, self.categories))
+        u = float(rng.random())
+        return sample_meta(rng, next((c for c, edge in self.cumulative if u < edge), self.cumulative[-1][0]))
 
     def __getitem__(self, index: int) -> dict:
         meta = self.meta(index)
