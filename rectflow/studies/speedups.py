@@ -44,6 +44,8 @@ VARIANTS: dict[str, dict] = {
     "latent-f8": {"autoencoder": "shapes-ae-f8", "patch_size": 1},  # the 4x4x16 SmallAE: 16 tokens
     "narrow-b32": {"hidden": 128, "heads": 2, "batch_size": 32},  # ~2.5x the steps of a narrower model, half batch
     "text-12": {"text_encoder": "minilm:length=12"},  # the longest shapes caption is 12 MiniLM tokens
+    "text-positions": {"text_positions": 32},  # learned positions of MiniLM's 32 text tokens
+    "relation-heavy": {"data_options": {"category_weights": {"position": 3, "counting": 2}}},  # 1/3 position scenes
 }
 # the demo recipe (rectflow/recipes/demo.yaml) is the naive one with these (a test keeps the two equal)
 COMBINED = ("text-12", "muon", "power-ema", "routing", "latent", "narrow-b32")
