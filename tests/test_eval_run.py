@@ -196,3 +196,25 @@ def test_eval_of_a_checkpoint_outside_a_run(tiny_run, tmp_path, capsys):
     assert c["settings"]["data"] == "shapes" and set(c["geneval"]) == set(b["geneval"])
     assert main(["eval", "--checkpoint", str(ema), *common]) == 2
     assert "needs --out" in capsys.readouterr().err
+
+
+def test_relation_probe_reads_the_side_of_each_pair(tiny_run):
+    """scripts/relation_probe.py: a render is right for its prompt and 'wrong side' for the opposite relation, an
+    absent object is 'missing'; the probe of a run reports both prompt sets and the pairs."""
+    import sys
+    from pathlib import Path
+    from rectflow.data.shapes import eval_prompts, render_scene
+    from rectflow.evaluate.geneval import ShapesDetector
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from relation_probe import OPPOSITE, failure, probe
+    meta = eval_prompts(1, seed=3, categories=("position",))[0]
+    found = ShapesDetector()(render_scene(meta, 32))
+    assert failure(meta, found) == "ok"
+    assert failure({**meta, "relation": OPPOSITE[meta["relation"]]}, found) == "wrong side"
+    used = {o["color"] for o in meta["objects"]}
+    other = {**meta["objects"][1], "color": next(c for c in ("red", "blue", "green") if c not in used)}
+    assert failure({**meta, "objects": [meta["objects"][0], other]}, found) == "missing"
+    report = probe(str(tiny_run), prompts=2)
+    assert report["prompts"] == 2 and set(report["accuracy"]) == {"prompt", "opposite"}
+    assert report["both_right"] + report["one_right"] <= 2
+    assert sum(report["failures"]["prompt"].values()) == 2
