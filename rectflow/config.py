@@ -115,8 +115,8 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value; 0 disables clipping")
     bf16: bool = _f(True, "bfloat16 autocast for the model's forward pass, on CPU and GPU (weights and optimizer "
-                          "stay float32); a from-scratch run on a CPU without native bf16 (AVX512-BF16 or AMX) "
-                          "trains in fp32 instead, where emulated bf16 is 3-90x slower")
+                          "stay float32); on a CPU without native bf16 (AVX512-BF16 or AMX) a run trains in fp32 "
+                          "instead (except a LoRA over bf16 frozen weights), where emulated bf16 is 3-90x slower")
     ema_decay: float = _f(0.999, "decay of the exponential moving average of the weights (the paper: 0.99)")
     ema_every: int = _f(1, "update the EMA every N optimizer steps (the paper: every 100)")
     ema_warmup: bool = _f(True, "use decay min(ema_decay, (1 + k) / (10 + k)) at the k-th EMA update, so the EMA of a "
