@@ -210,7 +210,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r}: expected a positive integer, got {getattr(self, name)!r}")
         for name in ["max_steps", "warmup_steps", "checkpoint_every", "sample_every", "val_every", "workers",
-                     "profile_steps", "fsdp_shard_size", "registers", "text_positions", "grad_clip", "min_lr", "weight_decay", "shift"]:
+                     "profile_steps", "fsdp_shard_size", "registers", "text_positions", "grad_clip", "min_lr",
+                     "weight_decay", "shift"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected a value >= 0, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):

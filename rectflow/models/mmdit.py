@@ -233,8 +233,8 @@ class MMDiT(nn.Module):
         self.context_embedder = nn.Linear(context_dim, hidden_size)
         # register tokens (docs/training.md "Learning speed"): not in the released layouts, so only when asked for
         self.registers = nn.Parameter(torch.randn(1, registers, hidden_size) * 0.02) if registers else None
-        # learned positions of the text tokens (same place): the joint attention is blind to token order, and a
-        # sentence encoder's features carry it only weakly. Zero at init, so adding them to a trained model keeps it
+        # learned text positions (a rectflow option too): the joint attention is blind to token order, and a sentence
+        # encoder's features carry it only weakly. Zero at init, so adding them to a trained model keeps its output
         self.text_positions = nn.Parameter(torch.zeros(1, text_positions, hidden_size)) if text_positions else None
         self.joint_blocks = nn.ModuleList(
             JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1,
