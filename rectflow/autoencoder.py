@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rectflow.files import check_safetensors
+from rectflow.files import check_safetensors, permit
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class SmallAE(Autoencoder):
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(path), metadata={"rectflow": "SmallAE", "config": json.dumps(self.config)})
+        permit(path)  # safetensors writes 0600
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SmallAE":
@@ -305,6 +306,7 @@ def encode_dataset(autoencoder: Autoencoder, dataset, path: str | Path | None = 
         save_file({"latents": out["latents"].contiguous()}, str(path),
                   metadata={"captions": json.dumps(captions), "metas": json.dumps(metas),
                             "autoencoder": autoencoder.spec})
+        permit(path)  # safetensors writes 0600
     return out
 
 

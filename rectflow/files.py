@@ -20,6 +20,20 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def permit(path: str | Path) -> Path:
+    """Give a file or folder made by tempfile (mode 0600 / 0700) the mode a plain open() / mkdir() would give it,
+    so checkpoints and shipped files are readable wherever the user's umask says they should be."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside `path` for any writer (safetensors, torch.save, savefig); on success it is flushed
@@ -32,6 +46,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     try:
         yield Path(tmp)
         fsync(tmp)
+        permit(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from rectflow.files import (SHARDED_METADATA, DamagedFile, check_safetensors, check_sharded, check_zip, fsync,
-                            write_text_atomic)
+                            permit, write_text_atomic)
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -139,7 +139,7 @@ def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
     """The temp folder checkpoint `step` is written into (by one process, or by every rank of a sharded save)."""
     ck_root = checkpoint_root(run_dir)
     ck_root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{step_name(step)}-", dir=ck_root))
+    return permit(tempfile.mkdtemp(prefix=f".tmp-{step_name(step)}-", dir=ck_root))
 
 
 def finish_checkpoint(run_dir: str | Path, step: int, tmp: Path, keep_last: int) -> Path:

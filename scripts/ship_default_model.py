@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rectflow.files import permit
+
 DEST = Path(__file__).resolve().parent.parent / "rectflow" / "assets" / "default_model"
 
 
@@ -54,6 +56,7 @@ def main() -> None:
     DEST.mkdir(parents=True, exist_ok=True)
     tmp = DEST / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata=metadata)
+    permit(tmp)  # safetensors writes 0600
     os.replace(tmp, DEST / "model.safetensors")
     shutil.copyfile(args.run / "config.yaml", DEST / "config.yaml")
     summary = metrics_summary(args.run, int(metadata.get("rectflow.step", 0)))

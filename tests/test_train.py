@@ -409,6 +409,21 @@ def test_nonfinite_streak_aborts_with_checkpoint_intact(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- checkpoints
 
 
+def test_run_files_get_the_umask_mode_not_the_temp_files_0600(tmp_path):
+    """Checkpoints and logs are written through temp files (mode 0600, folders 0700); they end with the modes a
+    plain write under the user's umask gives, so a shared run directory stays readable."""
+    import os
+    old = os.umask(0o022)
+    try:
+        train(tiny(max_steps=2, warmup_steps=0), tmp_path / "run")
+    finally:
+        os.umask(old)
+    paths = [p for p in (tmp_path / "run").rglob("*") if ".tmp" not in p.name]
+    assert any(p.suffix == ".safetensors" for p in paths)
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
+
+
 def test_checkpoint_directory_is_flushed_before_and_after_the_rename(tmp_path, monkeypatch):
     """fsync order of save_checkpoint: the three files, the temp directory, then (after the rename) its parent."""
     events = []

@@ -35,6 +35,7 @@ from torch import nn
 from rectflow.data import get_dataset
 from rectflow.data.shapes import caption_for, render_scene, to_tensor
 from rectflow.evaluate.encoder import ImageTextEncoder
+from rectflow.files import permit
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "scorer" / "scorer.safetensors"
 FORMAT = "rectflow-scorer/1"
@@ -139,6 +140,7 @@ class Scorer(ImageTextEncoder):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "config": json.dumps(self.config), "name": self.name, **(extra or {})}
         save_file(tensors, str(path), metadata=meta)
+        permit(path)  # safetensors writes 0600
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "Scorer":

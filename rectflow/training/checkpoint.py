@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 
 from rectflow.checkpoints import FORMAT_TAG, TRAIN_CONFIG_KEY, UNCOND_KEY
 from rectflow.config import TrainConfig
-from rectflow.files import SHARDED_INFO, write_text_atomic
+from rectflow.files import SHARDED_INFO, permit, write_text_atomic
 from rectflow.runs import SHARDED_WEIGHTS, STATE, WEIGHT_FILES, begin_checkpoint, finish_checkpoint, write_checkpoint
 from rectflow.training import distributed
 
@@ -45,6 +45,7 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str], s
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(path), metadata=metadata)
+    permit(path)  # safetensors writes 0600
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, state: dict, cfg: TrainConfig, lora=None,
