@@ -27,7 +27,7 @@ from rectflow.files import (SHARDED_INFO, atomic_path, check_safetensors, read_j
 from rectflow.lora import BASE_KEY, apply_loras, merge, read_lora
 from rectflow.models import baselines
 from rectflow.models.layouts import CONTEXT_BLOCK, GLOBAL, X_BLOCK
-from rectflow.models.mmdit import MMDiT
+from rectflow.models.mmdit import RECTFLOW_TOKENS, MMDiT
 from rectflow.runs import CHECKPOINTS, WEIGHT_FILES, is_complete, resolve_weights
 from rectflow.models.released import (FORMAT_TAG, OTHER_COMPONENTS, PICKLE_SUFFIXES, PREFIX,  # noqa: F401
                                       CheckpointError, _listing, _read_pickle, _read_safetensors, check_state_dict,
@@ -280,7 +280,7 @@ def from_diffusers_state_dict(dsd: dict, source="diffusers state dict") -> dict:
 def diffusers_config(config: dict, pos_embed_max_size: int | None = None) -> dict:
     """The SD3Transformer2DModel config.json of a rectflow config (with the rectflow config kept under a private
     key that diffusers ignores, so the way back is exact)."""
-    for key, what in (("registers", "register tokens"), ("text_positions", "learned text positions")):
+    for key, what in RECTFLOW_TOKENS.items():
         if config.get(key):
             raise CheckpointError(f"a model with {config[key]} {what} has no diffusers layout (SD3's transformer has "
                                   f"none); keep it in the rectflow layout")

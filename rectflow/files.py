@@ -27,10 +27,14 @@ def _umask() -> int:
     return mask
 
 
+# read once: setting the umask to read it is process-wide, and the async checkpoint writer creates files in a thread
+UMASK = _umask()
+
+
 def permit(path: str | Path) -> Path:
     """Give a file or folder made by tempfile (mode 0600 / 0700) the mode a plain open() / mkdir() would give it,
     so checkpoints and shipped files are readable wherever the user's umask says they should be."""
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~UMASK)
     return Path(path)
 
 

@@ -20,10 +20,9 @@ import copy
 import json
 import sys
 
-from pathlib import Path
-
+from rectflow.checkpoints import source_weights
 from rectflow.data.shapes import caption_for, eval_prompts, relation_of
-from rectflow.evaluate.geneval import ShapesDetector, is_correct
+from rectflow.evaluate.geneval import ShapesDetector, is_correct, matches
 from rectflow.evaluate.protocol import Setting, generate_images
 from rectflow.pipeline import load_pipeline
 
@@ -34,8 +33,7 @@ def failure(meta: dict, detections) -> str:
     """'ok', 'missing' (a named object is not drawn) or 'wrong side' (both drawn, the relation flipped or off-axis)."""
     if is_correct(meta, detections):
         return "ok"
-    found = [sorted((d for d in detections if (d.shape, d.color) == (o["shape"], o["color"])), key=lambda d: -d.area)
-             for o in meta["objects"][:2]]
+    found = [matches(detections, o["shape"], o["color"]) for o in meta["objects"][:2]]
     if not all(found):
         return "missing"
     got = relation_of(found[0][0].center, found[1][0].center)
@@ -44,7 +42,7 @@ def failure(meta: dict, detections) -> str:
 
 def probe(source: str, prompts: int, seed: int = 1000) -> dict:
     """The probe's report for a weights file, checkpoint folder or run directory."""
-    pipe = load_pipeline(source, None, "ema", "cpu") if _is_run(source) else load_pipeline(None, source, None, "cpu")
+    pipe = load_pipeline(None, str(source_weights(source, None)), None, "cpu")
     metas = eval_prompts(prompts, seed=7, categories=("position",))
     flipped = [dict(copy.deepcopy(m), relation=OPPOSITE[m["relation"]]) for m in metas]
     detector, modes, right = ShapesDetector(), {}, {}
@@ -58,10 +56,6 @@ def probe(source: str, prompts: int, seed: int = 1000) -> dict:
     return {"source": source, "prompts": prompts, "accuracy": {k: sum(v) / prompts for k, v in right.items()},
             "failures": modes, "both_right": pairs[(True, True)], "one_right": some - pairs[(True, True)],
             "follows_direction": pairs[(True, True)] / some if some else None}
-
-
-def _is_run(source: str) -> bool:
-    return (Path(source) / "checkpoints").is_dir()
 
 
 def main(argv=None) -> int:

@@ -409,10 +409,11 @@ def test_nonfinite_streak_aborts_with_checkpoint_intact(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- checkpoints
 
 
-def test_run_files_get_the_umask_mode_not_the_temp_files_0600(tmp_path):
+def test_run_files_get_the_umask_mode_not_the_temp_files_0600(tmp_path, monkeypatch):
     """Checkpoints and logs are written through temp files (mode 0600, folders 0700); they end with the modes a
     plain write under the user's umask gives, so a shared run directory stays readable."""
     import os
+    monkeypatch.setattr("rectflow.files.UMASK", 0o022)  # read at import; the test fixes the process's too
     old = os.umask(0o022)
     try:
         train(tiny(max_steps=2, warmup_steps=0), tmp_path / "run")

@@ -117,7 +117,7 @@ class ShapesDetector:
                          fill=float(fill), top=float(top))
 
 
-def _matches(detections: list[Detection], shape: str, color: str | None = None) -> list[Detection]:
+def matches(detections: list[Detection], shape: str, color: str | None = None) -> list[Detection]:
     """Detections of a shape (and colour, when given), largest first."""
     hits = [d for d in detections if d.shape == shape and (color is None or d.color == color)]
     return sorted(hits, key=lambda d: -d.area)
@@ -128,17 +128,17 @@ def is_correct(meta: dict, detections: list[Detection]) -> bool:
     category, objects = meta["category"], meta["objects"]
     first = objects[0]
     if category == "single_object":
-        return bool(_matches(detections, first["shape"]))
+        return bool(matches(detections, first["shape"]))
     if category == "two_object":
-        return all(_matches(detections, o["shape"]) for o in objects[:2])
+        return all(matches(detections, o["shape"]) for o in objects[:2])
     if category == "counting":
-        return len(_matches(detections, first["shape"])) == len(objects)
+        return len(matches(detections, first["shape"])) == len(objects)
     if category == "colors":
-        return bool(_matches(detections, first["shape"], first["color"]))
+        return bool(matches(detections, first["shape"], first["color"]))
     if category == "color_attr":
-        return all(_matches(detections, o["shape"], o["color"]) for o in objects[:2])
+        return all(matches(detections, o["shape"], o["color"]) for o in objects[:2])
     if category == "position":
-        a, b = (_matches(detections, o["shape"], o["color"]) for o in objects[:2])
+        a, b = (matches(detections, o["shape"], o["color"]) for o in objects[:2])
         return bool(a and b) and relation_of(a[0].center, b[0].center) == meta["relation"]
     raise ValueError(f"unknown GenEval category {category!r}; expected one of {CATEGORIES}")
 

@@ -44,6 +44,8 @@ CONFIG_KEYS = (
     "input_size", "qk_norm", "dual_attention_layers", "pos_embed_max_size", "pos_embed_base_size", "mlp_ratio",
     "registers", "text_positions",
 )
+# config key -> what it adds: rectflow's own token options, which no released or diffusers layout has
+RECTFLOW_TOKENS: dict[str, str] = {"registers": "register tokens", "text_positions": "learned text positions"}
 
 
 class SelfAttention(nn.Module):

@@ -37,6 +37,7 @@ from rectflow.flow import Formulation
 from rectflow.images import save_images
 from rectflow.models.flops import forward_flops, peak_flops
 from rectflow.models.layers import compile_blocks
+from rectflow.models.mmdit import RECTFLOW_TOKENS
 from rectflow.runs import (CONFIG, METRICS, WEIGHT_FILES, check_resumable, checkpoint_root, clean_temp, find_checkpoint,
                            is_sharded)
 from rectflow.pipeline import DEFAULTS_FOR_RELEASED, Pipeline, generate
@@ -212,7 +213,7 @@ class Trainer:
         """The init model's register tokens and text positions are its own: a config asking for others is refused
         (they are weights of the file, like its depth, not something a fine-tune can switch)."""
         config = getattr(self.model, "config", {})
-        for key in ("registers", "text_positions"):
+        for key in RECTFLOW_TOKENS:
             want, have = getattr(self.cfg, key), config.get(key, 0)
             if want and want != have:
                 raise ValueError(f"config key {key!r}: {want}, but the init model {self.init.path} has {have}; the "

@@ -11,7 +11,7 @@ import torch
 
 from rectflow.config import TrainConfig
 from rectflow.models import baselines
-from rectflow.models.mmdit import MMDiT
+from rectflow.models.mmdit import RECTFLOW_TOKENS, MMDiT
 
 
 def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_dim: int, pooled_dim: int,
@@ -21,7 +21,7 @@ def build_model(cfg: TrainConfig, in_channels: int, latent_size: int, context_di
     context_splits: token counts of the context's parts (SD3: [CLIP, T5]), the streams of mmdit3's extra weight set;
     None splits the context into halves (rectflow.models.baselines.MMDiT3).
     """
-    kw = {k: getattr(cfg, k) for k in ("registers", "text_positions") if getattr(cfg, k)}
+    kw = {k: getattr(cfg, k) for k in RECTFLOW_TOKENS if getattr(cfg, k)}
     if cfg.hidden is not None:
         kw["hidden_size"] = cfg.hidden
     if cfg.heads is not None:
