@@ -1,5 +1,6 @@
 """Built-in data: shapes scenes and captions, emoji glyphs, image folders with broken files."""
 import collections
+import dataclasses
 import json
 import logging
 import random
@@ -10,10 +11,12 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from rectflow.config import TrainConfig
 from rectflow.data import collate, get_dataset
 from rectflow.data import shapes as S
 from rectflow.data.emoji import EmojiDataset
 from rectflow.data.folder import ImageFolderDataset, mirror_caption
+from rectflow.training.data import data_options
 
 
 def _metas(category, n=150, seed=0):
@@ -161,6 +164,40 @@ def test_shapes_category_weights_skew_the_training_stream_only():
         get_dataset("shapes", 16, categories=["position"], category_weights={"colors": 2})
     with pytest.raises(ValueError, match="expected weights >= 0"):
         get_dataset("shapes", 16, category_weights={"position": -1})
+
+
+def test_shapes_curriculum_changes_the_mix_along_the_training_stream():
+    """Stage k covers the next `scenes` scenes of the (in-order) training stream with its categories and weights; the
+    last stage runs on; the validation split is untouched; rectflow train turns steps / fractions into scenes."""
+    curriculum = [{"scenes": 50, "categories": ["position"]}, {"scenes": 40, "categories": ["colors", "counting"],
+                  "category_weights": {"counting": 3}}, {}]
+    train = get_dataset("shapes", 16, seed=1, curriculum=curriculum)
+    assert {train.meta(i)["category"] for i in range(50)} == {"position"}
+    middle = collections.Counter(train.meta(i)["category"] for i in range(50, 90))
+    assert set(middle) == {"colors", "counting"} and middle["counting"] > middle["colors"]
+    assert set(collections.Counter(train.meta(i)["category"] for i in range(90, 400))) == set(S.CATEGORIES)
+    assert train.meta(200) == get_dataset("shapes", 16, seed=1).meta(200)  # the even last stage: the plain stream
+    val = get_dataset("shapes", 16, split="val", curriculum=curriculum)
+    assert [val.meta(i) for i in range(20)] == [get_dataset("shapes", 16, split="val").meta(i) for i in range(20)]
+    for bad, match in [([{"categories": ["position"]}, {}], "stage 0: expected 'scenes' a positive integer"),
+                       ([{"scenes": 5, "categories": ["texture"]}, {}], "stage 0: unknown or unused categories"),
+                       ([{"scenes": 5, "steps": 2}, {}], "'steps' is converted to scenes by rectflow train"),
+                       ([{"scenes": 5}, {"category_weights": {"position": -1}}], "stage 1 'category_weights': "
+                                                                                   "expected weights >= 0"),
+                       ({"scenes": 5}, "expected a list of stages")]:
+        with pytest.raises(ValueError, match=match):
+            get_dataset("shapes", 16, curriculum=bad)
+    with pytest.raises(ValueError, match="exclude each other"):
+        get_dataset("shapes", 16, category_weights={"position": 2}, curriculum=[{}])
+
+    cfg = TrainConfig(batch_size=8, max_steps=100, data_options={"curriculum": [
+        {"steps": 10, "categories": ["position"]}, {"fraction": 0.25}, {"scenes": 3}, {}]})
+    assert data_options(cfg)["curriculum"] == [{"scenes": 80, "categories": ["position"]}, {"scenes": 200},
+                                                {"scenes": 3}, {}]
+    for stage, match in [({"steps": 2, "fraction": 0.5}, "expected one of them"),
+                         ({"fraction": 1.5}, "fraction must be in \\(0, 1\\)"), ({"steps": 0}, "positive integer")]:
+        with pytest.raises(ValueError, match=match):
+            data_options(dataclasses.replace(cfg, data_options={"curriculum": [stage, {}]}))
 
 
 def test_eval_prompts():

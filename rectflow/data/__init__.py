@@ -23,7 +23,7 @@ def get_dataset(name: str, resolution: int, split: str = "train", seed: int = 0,
     folder, .tar, brace pattern or URL; 'shards:SPEC' also accepted) -> the data set at resolution.
 
     seed selects the endless shapes training stream; emoji and folders are fixed lists (a loader shuffles them),
-    and every validation split is fixed. Keyword options go to the data set: shapes (categories, category_weights,
+    and every validation split is fixed. Keyword options go to the data set: shapes (categories, category_weights, curriculum,
     val_size), emoji (subset, path), folders (crop, hflip, val_every, buckets, max_ratio, default_caption), shards (crop,
     default_caption, shuffle_buffer). A shard set's training split streams (ShardSet); its validation split is the
     shard folder's val/ subfolder, read whole (ShardItems).

@@ -244,20 +244,52 @@ def eval_prompts(n_per_category: int, seed: int = 0, categories=CATEGORIES) -> l
     return metas
 
 
-def _cumulative(categories: tuple[str, ...], weights: dict) -> list[tuple[str, float]]:
+def _cumulative(categories: tuple[str, ...], weights: dict, option: str = "category_weights"
+                ) -> list[tuple[str, float]]:
     """(category, upper edge in [0, 1]) for a weighted draw; categories missing from weights weigh 1."""
     unknown = sorted(set(weights) - set(categories))
     if unknown:
-        raise ValueError(f"data option 'category_weights': unknown or unused categories {unknown}; expected some of "
+        raise ValueError(f"data option '{option}': unknown or unused categories {unknown}; expected some of "
                          f"{list(categories)}")
     w = [weights.get(c, 1.0) for c in categories]
     if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
-        raise ValueError(f"data option 'category_weights': expected weights >= 0 with a positive sum, got {weights}")
+        raise ValueError(f"data option '{option}': expected weights >= 0 with a positive sum, got {weights}")
     total, edges, acc = sum(w), [], 0.0
     for c, x in zip(categories, w):
         acc += x / total
-        edges.append((c, acc))
+        if x > 0:  # (a dropped category is never the fallback of a draw past the last edge's rounding)
+            edges.append((c, acc))
     return edges
+
+
+def _stages(categories: tuple[str, ...], curriculum) -> list[tuple[float, list[tuple[str, float]]]]:
+    """(first scene index past the stage, cumulative edges) per curriculum stage; the last stage runs to the end.
+
+    A stage is {scenes: N, categories: [...], category_weights: {...}}: the next N training scenes drawn from its
+    categories (default: all of the data set's) with its weights (default 1)."""
+    if not isinstance(curriculum, (list, tuple)) or not curriculum:
+        raise ValueError(f"data option 'curriculum': expected a list of stages ({{scenes: N, categories: [...], "
+                         f"category_weights: {{...}}}}), got {curriculum!r}")
+    stages, end = [], 0
+    for k, stage in enumerate(curriculum):
+        where = f"data option 'curriculum' stage {k}"
+        extra = sorted(set(stage) - {"scenes", "categories", "category_weights"}) if isinstance(stage, dict) else None
+        if extra is None or extra:
+            hint = " ('steps' is converted to scenes by rectflow train)" if extra and "steps" in extra else ""
+            raise ValueError(f"{where}: expected a dict of scenes, categories, category_weights, got {stage!r}{hint}")
+        last = k == len(curriculum) - 1
+        scenes = stage.get("scenes")
+        if not last and not (isinstance(scenes, int) and not isinstance(scenes, bool) and scenes > 0):
+            raise ValueError(f"{where}: expected 'scenes' a positive integer (only the last stage may omit it), got "
+                             f"{scenes!r}")
+        cats = tuple(stage.get("categories") or categories)
+        unknown = [c for c in cats if c not in categories]
+        if unknown:
+            raise ValueError(f"{where}: unknown or unused categories {unknown}; expected some of {list(categories)}")
+        weights = {c: 0.0 for c in categories if c not in cats} | dict(stage.get("category_weights") or {})
+        end = math.inf if last else end + scenes
+        stages.append((end, _cumulative(categories, weights, f"curriculum' stage {k} 'category_weights")))
+    return stages
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -266,13 +298,15 @@ class ShapesDataset(torch.utils.data.Dataset):
     Item i is a pure function of (seed, split, i). The validation split does not depend on seed, so runs with
     different seeds are compared on the same scenes; its streams never share a key with the training stream.
     category_weights ({category: weight}, missing ones 1) skews the training stream's categories, e.g. toward the
-    position scenes, whose relation a model trained on the uniform mix learns last.
+    position scenes, whose relation a model trained on the uniform mix learns last. curriculum (a list of stages,
+    rectflow.data.shapes._stages) changes the mix along the stream, e.g. position scenes alone first: a model that
+    learns the other categories first never learns which side is which (docs/results/speedups.md).
     """
 
     TRAIN_SIZE = 10**9  # virtual length of the endless training stream
 
     def __init__(self, resolution: int = 32, split: str = "train", seed: int = 0, categories=None,
-                 val_size: int = 1000, category_weights: dict | None = None):
+                 val_size: int = 1000, category_weights: dict | None = None, curriculum: list | None = None):
         if split not in ("train", "val"):
             raise ValueError(f"shapes split must be 'train' or 'val', got {split!r}")
         self.categories = tuple(categories) if categories else CATEGORIES
@@ -281,8 +315,14 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"unknown shapes categories {unknown}; expected a subset of {CATEGORIES}")
         self.resolution, self.split, self.seed, self.val_size = resolution, split, seed, val_size
         # the training stream only: validation scenes (and so validation losses, FID references) stay comparable
-        self.cumulative = _cumulative(self.categories, category_weights) if category_weights and split == "train" \
-            else None
+        if category_weights and curriculum:
+            raise ValueError("data options 'category_weights' and 'curriculum' exclude each other: give the weights "
+                             "in the curriculum's stages")
+        self.stages = None
+        if split == "train" and curriculum:
+            self.stages = _stages(self.categories, curriculum)
+        elif split == "train" and category_weights:
+            self.stages = [(math.inf, _cumulative(self.categories, category_weights))]
 
     def __len__(self) -> int:
         return self.TRAIN_SIZE if self.split == "train" else self.val_size
@@ -293,10 +333,11 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"shapes {self.split} index {index} out of range [0, {len(self)})")
         key = f"shapes-train/{self.seed}/{index}" if self.split == "train" else f"shapes-val/{index}"
         rng = random.Random(key)
-        if self.cumulative is None:
+        if self.stages is None:
             return sample_meta(rng, _choice(rng, self.categories))
+        edges = next(edges for end, edges in self.stages if index < end)
         u = float(rng.random())
-        return sample_meta(rng, next((c for c, edge in self.cumulative if u < edge), self.cumulative[-1][0]))
+        return sample_meta(rng, next((c for c, edge in edges if u < edge), edges[-1][0]))
 
     def __getitem__(self, index: int) -> dict:
         meta = self.meta(index)

@@ -46,6 +46,9 @@ VARIANTS: dict[str, dict] = {
     "text-12": {"text_encoder": "minilm:length=12"},  # the longest shapes caption is 12 MiniLM tokens
     "text-positions": {"text_positions": 32},  # learned positions of MiniLM's 32 text tokens
     "relation-heavy": {"data_options": {"category_weights": {"position": 3, "counting": 2}}},  # 1/3 position scenes
+    # position scenes alone for the first half: the side of "A left of B" is learned first or not at all
+    "curriculum": {"data_options": {"curriculum": [{"fraction": 0.5, "categories": ["position"]},
+                                                   {"category_weights": {"position": 2, "counting": 2}}]}},
 }
 # the demo recipe (rectflow/recipes/demo.yaml) is the naive one with these (a test keeps the two equal)
 COMBINED = ("text-12", "muon", "power-ema", "routing", "latent", "narrow-b32")

@@ -280,7 +280,30 @@ def data_options(cfg: TrainConfig) -> dict:
     options = dict(cfg.data_options)
     if cfg.instance_prompt is not None:
         options["default_caption"] = cfg.instance_prompt
+    if isinstance(options.get("curriculum"), (list, tuple)):
+        options["curriculum"] = [_stage_in_scenes(cfg, stage) for stage in options["curriculum"]]
     return options
+
+
+def _stage_in_scenes(cfg: TrainConfig, stage):
+    """A curriculum stage's length in training scenes (the shapes stream is read in order, batch_size scenes a step):
+    'steps: N', or 'fraction: F' of max_steps, become 'scenes'."""
+    if not isinstance(stage, dict) or not {"steps", "fraction"} & set(stage):
+        return stage
+    keys = sorted({"steps", "fraction", "scenes"} & set(stage))
+    if len(keys) > 1:
+        raise ValueError(f"config key 'data_options': curriculum stage {stage} gives {keys}; expected one of them")
+    out = {k: v for k, v in stage.items() if k not in ("steps", "fraction")}
+    n = stage.get("steps")
+    if "fraction" in stage:
+        f = stage["fraction"]
+        if not (isinstance(f, (int, float)) and 0 < f < 1):
+            raise ValueError(f"config key 'data_options': curriculum stage fraction must be in (0, 1), got {f!r}")
+        n = max(1, round(f * cfg.max_steps))
+    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        raise ValueError(f"config key 'data_options': curriculum stage steps must be a positive integer, got {n!r}")
+    out["scenes"] = n * cfg.batch_size
+    return out
 
 
 def default_prompts(cfg: TrainConfig, n: int = 8) -> list[str]:
