@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rectflow.files import check_safetensors, permit
+from rectflow.files import atomic_path, check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ class SmallAE(Autoencoder):
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"rectflow": "SmallAE", "config": json.dumps(self.config)})
-        permit(path)  # safetensors writes 0600
+        with atomic_path(path) as tmp:  # a crash leaves the old file, never half a new one
+            save_file(state, str(tmp), metadata={"rectflow": "SmallAE", "config": json.dumps(self.config)})
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SmallAE":
@@ -303,10 +303,10 @@ def encode_dataset(autoencoder: Autoencoder, dataset, path: str | Path | None = 
     if path is not None:
         from safetensors.torch import save_file
 
-        save_file({"latents": out["latents"].contiguous()}, str(path),
-                  metadata={"captions": json.dumps(captions), "metas": json.dumps(metas),
-                            "autoencoder": autoencoder.spec})
-        permit(path)  # safetensors writes 0600
+        with atomic_path(path) as tmp:
+            save_file({"latents": out["latents"].contiguous()}, str(tmp),
+                      metadata={"captions": json.dumps(captions), "metas": json.dumps(metas),
+                                "autoencoder": autoencoder.spec})
     return out
 
 

@@ -50,18 +50,6 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> Non
 # ----- the released layout ---------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def build_model(config: dict, sd: dict, source, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model of `config` holding exactly the tensors of `sd` (checked first; no memory spent on a random init):
     an MMDiT, or the architecture-study baseline its "arch" key names (rectflow.models.baselines)."""

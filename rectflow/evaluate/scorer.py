@@ -35,7 +35,7 @@ from torch import nn
 from rectflow.data import get_dataset
 from rectflow.data.shapes import caption_for, render_scene, to_tensor
 from rectflow.evaluate.encoder import ImageTextEncoder
-from rectflow.files import permit
+from rectflow.files import atomic_path
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "scorer" / "scorer.safetensors"
 FORMAT = "rectflow-scorer/1"
@@ -139,8 +139,8 @@ class Scorer(ImageTextEncoder):
         from safetensors.torch import save_file
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "config": json.dumps(self.config), "name": self.name, **(extra or {})}
-        save_file(tensors, str(path), metadata=meta)
-        permit(path)  # safetensors writes 0600
+        with atomic_path(path) as tmp:  # a crash leaves the old file, never half a new one
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "Scorer":

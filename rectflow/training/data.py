@@ -34,7 +34,6 @@ def step_indices(seed: int, step: int, batch_size: int, n_items: int) -> list[in
     return out
 
 
-
 class TextFeatures:
     """Text features per caption, computed once and cached (docs/paper.md §4, conditioning;
     rectflow.text.CachedTextEncoder).
