@@ -51,7 +51,7 @@ VARIANTS: dict[str, dict] = {
                                                    {"category_weights": {"position": 2, "counting": 2}}]}},
 }
 # the demo recipe (rectflow/recipes/demo.yaml) is the naive one with these (a test keeps the two equal)
-COMBINED = ("text-12", "muon", "power-ema", "routing", "latent", "narrow-b32")
+COMBINED = ("text-12", "muon", "power-ema", "routing", "latent", "narrow-b32", "curriculum")
 VARIANTS["combined"] = {k: v for name in COMBINED for k, v in VARIANTS[name].items()}
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
