@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -44,6 +45,21 @@ def metrics_summary(run: Path, last_step: int) -> dict:
             "img_s_median": sorted(r.get("img_per_s", 0.0) for r in rows)[len(rows) // 2] if rows else None}
 
 
+def run_summary(run: Path, last_step: int, train_cfg: dict) -> dict:
+    """metrics_summary with the images seen; a run that started from another run's weights (--init RUN_DIR) also
+    summarises that run, so a model trained in stages says so."""
+    summary = metrics_summary(run, last_step)
+    summary["images_seen"] = summary["steps"] * train_cfg.get("batch_size", 0)
+    init = Path(train_cfg["init"]) if train_cfg.get("init") else None
+    if init is not None and (init / "metrics.jsonl").is_file() and (init / "config.yaml").is_file():
+        rows = [json.loads(line) for line in (init / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        first = metrics_summary(init, max(r["step"] for r in rows))
+        first["images_seen"] = first["steps"] * yaml.safe_load((init / "config.yaml").read_text())["batch_size"]
+        summary["init_run"] = first
+        summary["total_steps"] = first["steps"] + summary["steps"]
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -59,9 +75,8 @@ def main() -> None:
     permit(tmp)  # safetensors writes 0600
     os.replace(tmp, DEST / "model.safetensors")
     shutil.copyfile(args.run / "config.yaml", DEST / "config.yaml")
-    summary = metrics_summary(args.run, int(metadata.get("rectflow.step", 0)))
     train_cfg = json.loads(metadata.get("rectflow.train_config", "{}"))
-    summary["images_seen"] = summary["steps"] * train_cfg.get("batch_size", 0)
+    summary = run_summary(args.run, int(metadata.get("rectflow.step", 0)), train_cfg)
     summary["weights"] = "EMA, stored in bfloat16"
     (DEST / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"shipped {ckpt} -> {DEST} ({(DEST / 'model.safetensors').stat().st_size / 1e6:.1f} MB): {summary}")
