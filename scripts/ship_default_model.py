@@ -34,9 +34,11 @@ def checkpoint_dir(run: Path, step: int | None) -> Path:
     return ckpts[-1]
 
 
-def metrics_summary(run: Path, last_step: int) -> dict:
-    """Loss at a few steps and the throughput, read off metrics.jsonl."""
+def metrics_summary(run: Path, last_step: int | None = None) -> dict:
+    """Loss at a few steps and the throughput, read off metrics.jsonl (up to last_step; default: all of it)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if last_step is None:
+        last_step = max(r["step"] for r in rows)
     rows = [r for r in rows if r["step"] <= last_step]
     window = rows[-50:]
     return {"steps": last_step, "images_seen": None,
@@ -45,18 +47,16 @@ def metrics_summary(run: Path, last_step: int) -> dict:
             "img_s_median": sorted(r.get("img_per_s", 0.0) for r in rows)[len(rows) // 2] if rows else None}
 
 
-def run_summary(run: Path, last_step: int, train_cfg: dict) -> dict:
-    """metrics_summary with the images seen; a run that started from another run's weights (--init RUN_DIR) also
-    summarises that run, so a model trained in stages says so."""
+def run_summary(run: Path, last_step: int | None = None) -> dict:
+    """metrics_summary with the images seen; a run that started from another run's weights (`init` a run directory)
+    also summarises that run, so a model trained in stages says so."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
     summary = metrics_summary(run, last_step)
-    summary["images_seen"] = summary["steps"] * train_cfg.get("batch_size", 0)
-    init = Path(train_cfg["init"]) if train_cfg.get("init") else None
+    summary["images_seen"] = summary["steps"] * cfg["batch_size"]
+    init = Path(cfg["init"]) if cfg.get("init") else None
     if init is not None and (init / "metrics.jsonl").is_file() and (init / "config.yaml").is_file():
-        rows = [json.loads(line) for line in (init / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        first = metrics_summary(init, max(r["step"] for r in rows))
-        first["images_seen"] = first["steps"] * yaml.safe_load((init / "config.yaml").read_text())["batch_size"]
-        summary["init_run"] = first
-        summary["total_steps"] = first["steps"] + summary["steps"]
+        summary["init_run"] = run_summary(init)
+        summary["total_steps"] = summary["init_run"].get("total_steps", summary["init_run"]["steps"]) + summary["steps"]
     return summary
 
 
@@ -75,8 +75,7 @@ def main() -> None:
     permit(tmp)  # safetensors writes 0600
     os.replace(tmp, DEST / "model.safetensors")
     shutil.copyfile(args.run / "config.yaml", DEST / "config.yaml")
-    train_cfg = json.loads(metadata.get("rectflow.train_config", "{}"))
-    summary = run_summary(args.run, int(metadata.get("rectflow.step", 0)), train_cfg)
+    summary = run_summary(args.run, int(metadata.get("rectflow.step", 0)))
     summary["weights"] = "EMA, stored in bfloat16"
     (DEST / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"shipped {ckpt} -> {DEST} ({(DEST / 'model.safetensors').stat().st_size / 1e6:.1f} MB): {summary}")
