@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rectflow.files import permit
+from rectflow.files import atomic_path
 
 DEST = Path(__file__).resolve().parent.parent / "rectflow" / "assets" / "default_model"
 
@@ -69,11 +68,8 @@ def main() -> None:
     with safe_open(str(ckpt / "ema.safetensors"), "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k).to(torch.bfloat16).contiguous() for k in f.keys()}
-    DEST.mkdir(parents=True, exist_ok=True)
-    tmp = DEST / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata=metadata)
-    permit(tmp)  # safetensors writes 0600
-    os.replace(tmp, DEST / "model.safetensors")
+    with atomic_path(DEST / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     shutil.copyfile(args.run / "config.yaml", DEST / "config.yaml")
     summary = run_summary(args.run, int(metadata.get("rectflow.step", 0)))
     summary["weights"] = "EMA, stored in bfloat16"
